@@ -123,7 +123,9 @@ def global_contrastive_rows(
     pos_sim = sim[arange, pos_col]
     num_neg = cols - 1 - (0 if self_col is None else 1)
     if num_neg < 1:
-        raise ValueError("the (global) batch needs at least 2 samples so that anchors have negatives.")
+        raise ValueError(
+            "the (global) batch needs at least 2 samples so that anchors have negatives."
+        )
 
     # d = (sim - sim_pos) / tau, with excluded columns set so that exp() gives exactly 0.
     d = (sim - pos_sim[:, None]).div_(tau[:, None])

@@ -7,10 +7,10 @@ import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from lightly.utils import dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightly.utils import dist
 from lightly_tau._checks import check_number, check_pair_features, check_temperature_range
 from lightly_tau.functional import (
     cosine_gamma,
@@ -73,6 +73,40 @@ def unimodal_similarity(
     self_col = torch.cat([local, local + m])
     pos_col = torch.cat([local + m, local])
     return sim, pos_col, self_col
+
+
+class TemperatureSettings:
+    """Validated iSogCLR temperature settings, shared by the unimodal and image-text losses."""
+
+    def __init__(
+        self,
+        rho: float,
+        tau_init: float,
+        tau_min: float,
+        tau_max: float,
+        eta: float,
+        beta: float,
+        tau_grad_clip: float,
+    ) -> None:
+        self.rho = check_number("rho", rho, 0.0)
+        self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
+        self.tau_init = check_number("tau_init", tau_init, self.tau_min, self.tau_max)
+        self.eta = check_number("eta", eta, 0.0)
+        self.beta = check_number("beta", beta, 0.0, 1.0, low_open=True)
+        self.tau_grad_clip = check_number("tau_grad_clip", tau_grad_clip, 0.0, low_open=True)
+
+    def step(self, tau: Tensor, momentum: Tensor, grad_tau: Tensor) -> tuple[Tensor, Tensor]:
+        """The new ``(tau, momentum)`` of a batch of samples (see :func:`temperature_step`)."""
+        return temperature_step(
+            tau,
+            momentum,
+            grad_tau,
+            self.eta,
+            self.beta,
+            self.tau_grad_clip,
+            self.tau_min,
+            self.tau_max,
+        )
 
 
 class _GlobalContrastiveLoss(nn.Module):
@@ -305,18 +339,16 @@ class ISogCLRLoss(_GlobalContrastiveLoss):
         gamma_decay_epochs: Optional[int] = None,
         tau_grad_clip: float = 3.0,
     ) -> None:
-        self.rho = check_number("rho", rho, 0.0)
-        self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
-        self.tau_init = check_number("tau_init", tau_init, self.tau_min, self.tau_max)
-        self.eta = check_number("eta", eta, 0.0)
-        self.beta = check_number("beta", beta, 0.0, 1.0, low_open=True)
-        self.tau_grad_clip = check_number("tau_grad_clip", tau_grad_clip, 0.0, low_open=True)
+        self.settings = TemperatureSettings(
+            rho, tau_init, tau_min, tau_max, eta, beta, tau_grad_clip
+        )
+        self.rho = self.settings.rho
         super().__init__(
             num_samples,
             gamma,
             gamma_decay_epochs,
             gather_distributed,
-            {"log_u": -math.inf, "tau": self.tau_init, "momentum": 0.0},
+            {"log_u": -math.inf, "tau": self.settings.tau_init, "momentum": 0.0},
         )
 
     @property
@@ -330,16 +362,7 @@ class ISogCLRLoss(_GlobalContrastiveLoss):
     def _next_rows(
         self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor
     ) -> dict[str, Tensor]:
-        tau, momentum = temperature_step(
-            rows["tau"],
-            rows["momentum"],
-            grad_tau,
-            self.eta,
-            self.beta,
-            self.tau_grad_clip,
-            self.tau_min,
-            self.tau_max,
-        )
+        tau, momentum = self.settings.step(rows["tau"], rows["momentum"], grad_tau)
         return {"log_u": log_u, "tau": tau, "momentum": momentum}
 
 

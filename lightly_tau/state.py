@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
-from torch import distributed as torch_dist
-
 from lightly.models.utils import concat_all_gather
 from lightly.utils import dist
+from torch import Tensor, nn
+from torch import distributed as torch_dist
 
 IndexLike = Union[Tensor, Sequence[int]]
 
@@ -100,7 +99,9 @@ class PerSampleState(nn.Module):
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"index must be a tensor of integers, got {type(index)}.") from err
         if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
-            raise ValueError(f"index must hold integers (dataset indices), got dtype {index.dtype}.")
+            raise ValueError(
+                f"index must hold integers (dataset indices), got dtype {index.dtype}."
+            )
         if index.dim() != 1:
             raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}.")
         if batch_size is not None and index.numel() != batch_size:
@@ -154,7 +155,7 @@ class PerSampleState(nn.Module):
             self._tables[name][index] = packed[:, k]
 
     # ------------------------------------------------- nn.Module integration
-    def _apply(self, fn: Any, recurse: bool = True) -> "PerSampleState":  # type: ignore[override]
+    def _apply(self, fn: Any, recurse: bool = True) -> PerSampleState:  # type: ignore[override]
         # Follow device moves only: apply fn to an empty probe to learn the target device.
         target = fn(torch.empty(0, device=self.device)).device
         if target != self.device:
