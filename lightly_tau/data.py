@@ -37,7 +37,9 @@ class IndexedDataset(Dataset):
         return (item, index)
 
     def __getattr__(self, name: str) -> Any:
-        # Forward attributes such as ``classes`` or ``targets`` to the wrapped dataset.
-        if name == "dataset":
+        # Forward attributes such as ``classes`` or ``targets`` to the wrapped dataset, but not
+        # dunder names: the DataLoader calls ``__getitems__`` when present (``Subset`` has it),
+        # and forwarding it would fetch batches from the wrapped dataset without the index.
+        if name == "dataset" or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
         return getattr(self.dataset, name)
