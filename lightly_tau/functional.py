@@ -142,7 +142,10 @@ def global_contrastive_rows(
     # w <= num_neg / gamma: bounded whatever tau is.
     w = (d - new_log_u[:, None]).exp_()
     if need_grad_tau:
-        mean_wd = torch.einsum("ij,ij->i", w, d) / num_neg
+        # einsum is a batched matmul, which autocast would run in bfloat16 (a temperature
+        # gradient off by 0.4 at tau 0.005); the temperature math stays in float32.
+        with torch.autocast(device_type=sim.device.type, enabled=False):
+            mean_wd = torch.einsum("ij,ij->i", w, d) / num_neg
         grad_tau = new_log_u + rho - mean_wd
     else:
         grad_tau = torch.zeros_like(new_log_u)
