@@ -55,6 +55,6 @@ img2dataset \
 # The shards' brace pattern (for --train-data) and the download's counts.
 PATTERN=$("$PYTHON" -m recipes.cc3m.shards "$OUTPUT_DIR/shards")
 # Dense key -> index map for the per-sample state of sogclr/isogclr (built once, saved beside).
-"$PYTHON" -m openclip_tau.key_index --shards "$PATTERN" --output "$OUTPUT_DIR/shards/key_index.json"
+"$PYTHON" -m openclip_tau.key_index --shards "$PATTERN" --output "$OUTPUT_DIR/shards/key_index.txt"
 echo "train data: $PATTERN"
-echo "key index:  $OUTPUT_DIR/shards/key_index.json"
+echo "key index:  $OUTPUT_DIR/shards/key_index.txt"

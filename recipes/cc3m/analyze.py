@@ -1,0 +1,424 @@
+"""Step 4: plots and tables of the per-sample temperatures an iSogCLR run learned.
+
+Reads a checkpoint's ``loss_state_dict`` (written by ``openclip_tau.train --loss isogclr``), the
+key index (index k -> sample key) and the shards' captions, and writes to ``--output``:
+
+- ``tau_distribution.png``: histograms of the image and the text temperatures;
+- ``tau_vs_word_frequency.png``: each temperature against how frequent its caption's words are
+  in the dataset (the rarest word's frequency), with the median per frequency bin;
+- ``tau_image_vs_text.png``: the two temperatures of each pair against each other;
+- ``extremes.md`` / ``extremes.csv``: the captions with the highest and lowest temperatures;
+- ``correlations.csv``: Spearman correlations of each temperature with the frequency measures;
+- ``temperatures.parquet``: one row per sample (index, key, caption, temperatures, frequencies);
+- ``summary.json`` and ``summary.md``: counts, quantiles and the correlations.
+
+A word's frequency is the number of captions in the dataset that contain it (lower-cased
+alphanumeric words). Per caption: ``rarest_word_frequency`` (its least frequent word),
+``mean_log10_word_frequency`` (the mean of log10 frequencies of its words), and
+``caption_frequency`` (how many samples share the exact caption). iSogCLR's claim is that
+frequent semantics end with large temperatures and rare ones with small: a positive correlation.
+Samples the run never visited (their moving average is still unset) are left out.
+
+Usage:
+    python -m recipes.cc3m.analyze --checkpoint logs/cc3m-isogclr/checkpoints/epoch_30.pt \\
+        --key-index /data/cc3m/shards/key_index.txt --output results/cc3m/temperatures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from recipes.cc3m.shards import find_shards, read_captions
+
+ROLES = ("image", "text")
+FREQUENCY_MEASURES = ("rarest_word_frequency", "mean_log10_word_frequency", "caption_frequency")
+WORD = re.compile(r"[a-z0-9]+")
+
+
+class AnalysisInputError(ValueError):
+    """An input of the analysis is missing or does not fit; the message says which."""
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_temperature_tables(checkpoint: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The per-sample tables of an iSogCLR loss state: ``tau_image``, ``log_u_image``, ... .
+
+    ``checkpoint`` is an OpenCLIP checkpoint with ``loss_state_dict`` (and ``loss_name``), or a
+    file holding a loss's ``state_dict()`` itself.
+    """
+    import torch
+
+    if not Path(checkpoint).is_file():
+        raise AnalysisInputError(f"checkpoint not found: {checkpoint}")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(saved, Mapping):
+        raise AnalysisInputError(f"{checkpoint} holds a {type(saved).__name__}, not a checkpoint.")
+    if "loss_state_dict" in saved:
+        state, loss_name = saved["loss_state_dict"], str(saved.get("loss_name", "unknown"))
+    elif "state_dict" in saved:
+        raise AnalysisInputError(
+            f"{checkpoint} has no loss_state_dict: it was written without a stateful loss "
+            f"(loss {saved.get('loss_name', 'clip')!r}). Per-sample temperatures come from "
+            "openclip_tau.train --loss isogclr."
+        )
+    else:
+        state, loss_name = saved, "unknown"
+    tables = {}
+    for key, value in state.items():
+        name = key.rsplit(".", 1)[-1]
+        if name.startswith(("tau_", "log_u_", "momentum_")) and hasattr(value, "numpy"):
+            tables[name] = value.detach().float().cpu().numpy()
+    missing = [f"tau_{role}" for role in ROLES if f"tau_{role}" not in tables]
+    if missing:
+        raise AnalysisInputError(
+            f"the loss state in {checkpoint} (loss {loss_name!r}) has no {missing} tables: "
+            "only --loss isogclr learns a temperature per image and per caption."
+        )
+    lengths = {name: len(t) for name, t in tables.items()}
+    if len(set(lengths.values())) != 1:
+        raise AnalysisInputError(f"the loss state's tables differ in length: {lengths}")
+    return tables, loss_name
+
+
+def load_keys(key_index: Path) -> list[str]:
+    """Sample keys in index order, from an ``openclip_tau.key_index`` file."""
+    from openclip_tau.key_index import load_key_index
+
+    try:
+        return load_key_index(key_index).keys
+    except (OSError, ValueError) as err:
+        raise AnalysisInputError(str(err)) from err
+
+
+# ----------------------------------------------------------------------------- frequencies
+def caption_words(caption: str) -> list[str]:
+    return WORD.findall(caption.lower())
+
+
+def word_frequency_table(captions: Sequence[str]) -> pd.DataFrame:
+    """Per caption: rarest word's and mean log10 word frequency, and exact-caption frequency."""
+    words = [set(caption_words(c)) for c in captions]
+    document_frequency = Counter(w for ws in words for w in ws)
+    caption_count = Counter(captions)
+    rarest, mean_log = [], []
+    for ws in words:
+        if ws:
+            freq = [document_frequency[w] for w in ws]
+            rarest.append(min(freq))
+            mean_log.append(float(np.mean(np.log10(freq))))
+        else:
+            rarest.append(np.nan)
+            mean_log.append(np.nan)
+    return pd.DataFrame(
+        {
+            "rarest_word_frequency": rarest,
+            "mean_log10_word_frequency": mean_log,
+            "caption_frequency": [caption_count[c] for c in captions],
+        }
+    )
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
+    """Spearman's rho (average ranks for ties), an approximate two-sided p, and n.
+
+    p uses the Fisher transform with the variance 1.06 / (n - 3) of Fieller et al. (1957), a
+    standard approximation for rank correlations (no SciPy needed); NaN pairs are dropped.
+    """
+    frame = pd.DataFrame({"x": x, "y": y}).dropna()
+    n = len(frame)
+    if n < 4 or frame["x"].nunique() < 2 or frame["y"].nunique() < 2:
+        return float("nan"), float("nan"), n
+    rho = float(np.corrcoef(frame["x"].rank(), frame["y"].rank())[0, 1])
+    clipped = min(max(rho, -0.999999), 0.999999)
+    z = math.atanh(clipped) * math.sqrt((n - 3) / 1.06)
+    return rho, math.erfc(abs(z) / math.sqrt(2)), n
+
+
+# ----------------------------------------------------------------------------- analysis
+def build_frame(tables: Mapping[str, np.ndarray], keys: Sequence[str], shards: Any) -> pd.DataFrame:
+    """One row per index: key, caption, temperatures, visited flags and frequency measures."""
+    num_samples = len(next(iter(tables.values())))
+    if len(keys) != num_samples:
+        raise AnalysisInputError(
+            f"the key index has {len(keys)} keys but the loss state has {num_samples} rows: "
+            "use the key index the run was trained with (--tau-key-index)."
+        )
+    captions = read_captions(shards)
+    if captions.empty:
+        raise AnalysisInputError(f"the shards {shards[0].parent} hold no captions.")
+    by_key = dict(zip(captions["key"], captions["caption"]))
+    frame = pd.DataFrame({"index": np.arange(num_samples), "key": list(keys)})
+    frame["caption"] = [by_key.get(k) for k in frame["key"]]
+    missing = int(frame["caption"].isna().sum())
+    if missing == num_samples:
+        raise AnalysisInputError(
+            "none of the key index's keys has a caption in the shards: are the shards the "
+            "ones the key index was built from?"
+        )
+    frame["caption"] = frame["caption"].fillna("")
+    for role in ROLES:
+        frame[f"tau_{role}"] = tables[f"tau_{role}"]
+        log_u = tables.get(f"log_u_{role}")
+        frame[f"visited_{role}"] = np.isfinite(log_u) if log_u is not None else True
+    # Frequencies over every caption in the dataset, visited or not.
+    frequencies = word_frequency_table(list(captions["caption"]))
+    frequencies.index = captions["key"].to_numpy()
+    frequencies = frequencies[~frequencies.index.duplicated()]
+    frame = frame.join(frequencies, on="key")
+    frame.attrs["captions_missing"] = missing
+    return frame
+
+
+def correlations(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for role in ROLES:
+        visited = frame[frame[f"visited_{role}"]]
+        for measure in FREQUENCY_MEASURES:
+            rho, p, n = spearman(visited[f"tau_{role}"], visited[measure])
+            rows.append(
+                {"temperature": f"tau_{role}", "against": measure, "spearman": rho, "p": p, "n": n}
+            )
+    return pd.DataFrame(rows)
+
+
+def extremes(frame: pd.DataFrame, top: int) -> pd.DataFrame:
+    rows = []
+    for role in ROLES:
+        visited = frame[frame[f"visited_{role}"]].sort_values(f"tau_{role}", kind="stable")
+        for end, part in (("highest", visited.iloc[::-1][:top]), ("lowest", visited[:top])):
+            for rank, (_, row) in enumerate(part.iterrows(), start=1):
+                rows.append(
+                    {
+                        "temperature": f"tau_{role}",
+                        "end": end,
+                        "rank": rank,
+                        "tau": row[f"tau_{role}"],
+                        "key": row["key"],
+                        "caption": row["caption"],
+                        "rarest_word_frequency": row["rarest_word_frequency"],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def quantiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    qs = {"min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
+    out = {name: float(np.quantile(values, q)) for name, q in qs.items()}
+    out["mean"] = float(np.mean(values))
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+def _log_bins(values: np.ndarray, count: int = 40) -> np.ndarray:
+    low, high = float(np.min(values)), float(np.max(values))
+    if low <= 0 or high / low < 10:
+        return np.linspace(low, high if high > low else low + 1e-6, count)
+    return np.geomspace(low, high, count)
+
+
+def plot_distribution(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, role in zip(axes, ROLES):
+        values = frame.loc[frame[f"visited_{role}"], f"tau_{role}"].to_numpy()
+        if len(values):
+            bins = _log_bins(values)
+            ax.hist(values, bins=bins, color="tab:blue" if role == "image" else "tab:orange")
+            if bins[-1] / max(bins[0], 1e-12) >= 10 and bins[0] > 0:
+                ax.set_xscale("log")
+        ax.set_title(f"{role} temperatures ({len(values)} samples)")
+        ax.set_xlabel(f"tau_{role}")
+        ax.set_ylabel("samples")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_against_frequency(frame: pd.DataFrame, path: Path, measure: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for ax, role in zip(axes, ROLES):
+        part = frame[frame[f"visited_{role}"]].dropna(subset=[measure])
+        x, y = part[measure].to_numpy(float), part[f"tau_{role}"].to_numpy(float)
+        log_x = measure != "mean_log10_word_frequency" and len(x) and x.min() > 0
+        if len(x) > 5000:
+            ax.hexbin(x, y, xscale="log" if log_x else "linear", bins="log", gridsize=60)
+        else:
+            ax.scatter(x, y, s=6, alpha=0.4)
+            if log_x:
+                ax.set_xscale("log")
+        if len(x) >= 10:
+            edges = _log_bins(x, 12) if log_x else np.linspace(x.min(), x.max() + 1e-9, 12)
+            which = np.clip(np.digitize(x, edges) - 1, 0, len(edges) - 2)
+            centers, medians = [], []
+            for b in range(len(edges) - 1):
+                if np.any(which == b):
+                    centers.append(np.median(x[which == b]))
+                    medians.append(np.median(y[which == b]))
+            ax.plot(centers, medians, color="black", marker="o", label="median per bin")
+            ax.legend(loc="best")
+        rho, p, n = spearman(y, x)
+        ax.set_title(f"tau_{role}: Spearman {rho:+.3f} (p~{p:.2g}, n={n})")
+        ax.set_xlabel(measure.replace("_", " "))
+        ax.set_ylabel(f"tau_{role}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_image_vs_text(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    both = frame[frame["visited_image"] & frame["visited_text"]]
+    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    if len(both) > 5000:
+        ax.hexbin(both["tau_image"], both["tau_text"], bins="log", gridsize=60)
+    else:
+        ax.scatter(both["tau_image"], both["tau_text"], s=6, alpha=0.4)
+    rho, p, n = spearman(both["tau_image"], both["tau_text"])
+    ax.set_title(f"image vs text temperature (Spearman {rho:+.3f}, n={n})")
+    ax.set_xlabel("tau_image")
+    ax.set_ylabel("tau_text")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report
+def analyze(
+    checkpoint: Path,
+    key_index: Path,
+    output: Path,
+    shards: Optional[str] = None,
+    top: int = 20,
+) -> dict[str, Any]:
+    """Runs the whole analysis and writes every file listed in the module docstring."""
+    tables, loss_name = load_temperature_tables(checkpoint)
+    keys = load_keys(key_index)
+    try:
+        shard_files = find_shards(shards if shards is not None else Path(key_index).parent)
+    except FileNotFoundError as err:
+        raise AnalysisInputError(f"{err} (pass --shards to name the training shards)") from err
+    frame = build_frame(tables, keys, shard_files)
+    output.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(output / "temperatures.parquet", index=False)
+    corr = correlations(frame)
+    corr.to_csv(output / "correlations.csv", index=False)
+    ext = extremes(frame, top)
+    ext.to_csv(output / "extremes.csv", index=False)
+    plot_distribution(frame, output / "tau_distribution.png")
+    plot_against_frequency(frame, output / "tau_vs_word_frequency.png", "rarest_word_frequency")
+    plot_image_vs_text(frame, output / "tau_image_vs_text.png")
+    summary: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "loss": loss_name,
+        "num_samples": len(frame),
+        "captions_missing": frame.attrs["captions_missing"],
+    }
+    for role in ROLES:
+        visited = frame[f"visited_{role}"]
+        summary[f"visited_{role}"] = int(visited.sum())
+        summary[f"tau_{role}"] = quantiles(frame.loc[visited, f"tau_{role}"].to_numpy())
+    summary["correlations"] = corr.to_dict(orient="records")
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output / "extremes.md").write_text(extremes_markdown(ext))
+    (output / "summary.md").write_text(summary_markdown(summary, corr))
+    return summary
+
+
+def _md_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def extremes_markdown(ext: pd.DataFrame) -> str:
+    lines = ["# Captions with the highest and lowest learned temperatures", ""]
+    for (temperature, end), part in ext.groupby(["temperature", "end"], sort=False):
+        lines += [f"## {end} {temperature}", "", "| rank | tau | rarest word freq. | caption |"]
+        lines.append("|---|---|---|---|")
+        for _, row in part.iterrows():
+            cells = [row["rank"], row["tau"], row["rarest_word_frequency"], row["caption"]]
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: Mapping[str, Any], corr: pd.DataFrame) -> str:
+    lines = [
+        "# Learned temperatures",
+        "",
+        f"Checkpoint `{summary['checkpoint']}` (loss {summary['loss']}), "
+        f"{summary['num_samples']} samples; visited: {summary['visited_image']} images, "
+        f"{summary['visited_text']} captions.",
+        "",
+        "| temperature | mean | min | p10 | p50 | p90 | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for role in ROLES:
+        q = summary[f"tau_{role}"]
+        cells = [q.get(k, float("nan")) for k in ("mean", "min", "p10", "p50", "p90", "max")]
+        lines.append(f"| tau_{role} | " + " | ".join(_md_cell(c) for c in cells) + " |")
+    lines += [
+        "",
+        "Spearman correlation with how frequent the caption's words are (p: Fisher-z "
+        "approximation):",
+        "",
+        "| temperature | against | Spearman | p | n |",
+        "|---|---|---|---|---|",
+    ]
+    for _, row in corr.iterrows():
+        cells = [row["temperature"], row["against"], row["spearman"], row["p"], row["n"]]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.cc3m.analyze",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (epoch_K.pt)")
+    parser.add_argument(
+        "--key-index", type=Path, required=True, help="key index the run used (--tau-key-index)"
+    )
+    parser.add_argument(
+        "--shards",
+        help="training shards (folder, brace pattern or glob); default: the key index's folder",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="folder for plots and tables")
+    parser.add_argument("--top", type=int, default=20, help="captions listed at each end")
+    args = parser.parse_args(argv)
+    try:
+        summary = analyze(args.checkpoint, args.key_index, args.output, args.shards, args.top)
+    except AnalysisInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

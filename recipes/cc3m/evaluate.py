@@ -1,0 +1,553 @@
+"""Step 3: evaluates CC3M checkpoints and collects one comparison table beside published results.
+
+For each ``--checkpoint`` (an OpenCLIP checkpoint, ``<logs>/<name>/checkpoints/epoch_K.pt``):
+
+- zero-shot ImageNet through OpenCLIP's own ``--imagenet-val`` option (``--imagenet-val DIR``:
+  the ILSVRC2012 validation images, one folder per class), run as
+  ``python -m recipes.cc3m.run --upstream ... --pretrained CKPT --imagenet-val DIR``;
+- MSCOCO (5k test) and Flickr30k (1k test) retrieval through the ``clip_benchmark`` package
+  (``pip install clip-benchmark``; ``--clip-benchmark-root DIR`` holds its webdataset copies,
+  ``DIR/wds_mscoco_captions`` and ``DIR/wds_flickr30k``, each with ``test/nshards.txt`` and
+  ``test/0.tar`` ...);
+- in the smoke mode, a small local retrieval set (``--local-retrieval DIR``, written by
+  ``make_smoke_data``): image-to-text and text-to-image recall@1/5/10 computed with open_clip's
+  model API, where a caption matches every image of the class it names.
+
+Each evaluation is saved as ``OUTPUT/runs/<label>.json``; then ``OUTPUT/comparison.md`` and
+``OUTPUT/comparison.csv`` are rebuilt from all saved runs, with the published settings below
+them, marked as published. Published numbers are not copied here: their cells say
+"see paper" with the reference, to be read from the papers' tables.
+
+Missing inputs (a checkpoint, the ImageNet folder, clip_benchmark, its data) are reported before
+any model is loaded, each naming what is missing (exit status 2).
+
+Usage:
+    python -m recipes.cc3m.evaluate --output results/cc3m \\
+        --checkpoint isogclr=logs/cc3m-isogclr/checkpoints/epoch_30.pt \\
+        --imagenet-val /data/imagenet/val --clip-benchmark-root /data/clip_benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Our name of each retrieval benchmark -> clip_benchmark's dataset name.
+CLIP_BENCHMARK_DATASETS = {"mscoco": "mscoco_captions", "flickr30k": "flickr30k"}
+RECALL_KS = (1, 5, 10)
+
+#: Settings of the published CC3M results the table is compared with. Numbers are deliberately
+#: not transcribed: read them from the cited tables.
+PUBLISHED = (
+    {
+        "source": "iSogCLR paper: Qiu et al., ICML 2023, arXiv:2305.11965 (CC3M results)",
+        "methods": ("CLIP", "SogCLR", "iSogCLR"),
+        "setting": "ResNet-50 (ImageNet-pretrained) + DistilBERT (pretrained), 256 px, "
+        "embed 256, global batch 512, AdamW 2e-4, wd 0.02, cosine, 30 epochs; "
+        "iSogCLR rho 6.0 or 8.0, tau_init 0.01, eta 0.03, gamma 0.8",
+    },
+    {
+        "source": "FastCLIP paper: Wei et al., 2024, arXiv:2407.01445 (CC3M, medium-scale table)",
+        "methods": (
+            "OpenCLIP",
+            "SogCLR",
+            "iSogCLR",
+            "FastCLIP-v1",
+            "FastCLIP-v2",
+            "FastCLIP-v3",
+        ),
+        "setting": "RN50 (OpenCLIP config), from scratch, global batch 1024 (the FastCLIP "
+        "README's CC3M setting), 37 epochs, lr 1e-3, wd 0.1, 10k warmup steps",
+    },
+)
+
+
+class EvaluationInputError(ValueError):
+    """An input of the evaluation is missing; the message names each missing thing."""
+
+
+@dataclass
+class CheckpointSpec:
+    label: str
+    path: Path
+    model: str
+
+
+# ----------------------------------------------------------------------------- input checks
+def parse_checkpoint(spec: str, model: Optional[str]) -> CheckpointSpec:
+    """``LABEL=PATH`` or ``PATH``; the model comes from ``--model`` or the run's params.txt."""
+    label, sep, path_text = spec.partition("=")
+    if not sep:
+        label, path_text = "", spec
+    path = Path(path_text)
+    if not path.is_file():
+        raise EvaluationInputError(f"checkpoint not found: {path}")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if not label:
+        label = f"{run_dir.name}-{path.stem}"
+    if not re.fullmatch(r"[\w.+-]+", label):
+        raise EvaluationInputError(
+            f"checkpoint label {label!r} may hold only letters, digits and . _ + -"
+        )
+    if model is None:
+        model = model_from_params(run_dir / "params.txt")
+        if model is None:
+            raise EvaluationInputError(
+                f"no model name for {path}: pass --model (the run's params.txt, "
+                f"{run_dir / 'params.txt'}, is missing or names no model)"
+            )
+    return CheckpointSpec(label, path, model)
+
+
+def model_from_params(params: Path) -> Optional[str]:
+    """The ``model`` entry of the ``params.txt`` that OpenCLIP writes into each run folder."""
+    if not params.is_file():
+        return None
+    for line in params.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model" and value.strip():
+            return value.strip()
+    return None
+
+
+def check_imagenet_folder(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return [
+            f"ImageNet validation folder not found: {folder} (OpenCLIP's --imagenet-val reads "
+            "the ILSVRC2012 validation images sorted into one folder per class)"
+        ]
+    if not any(child.is_dir() for child in folder.iterdir()):
+        return [
+            f"ImageNet validation folder {folder} has no class folders (OpenCLIP's "
+            "--imagenet-val reads one folder per class, e.g. n01440764/)"
+        ]
+    return []
+
+
+def clip_benchmark_folder(root: Path, dataset: str) -> Path:
+    """Where clip_benchmark's webdataset copy of ``dataset`` is expected under ``root``."""
+    return root / f"wds_{CLIP_BENCHMARK_DATASETS[dataset]}"
+
+
+def check_clip_benchmark(root: Path, datasets: Sequence[str]) -> list[str]:
+    problems = []
+    try:
+        import clip_benchmark  # noqa: F401
+    except ImportError:
+        problems.append(
+            "clip_benchmark is not installed (pip install clip-benchmark); it computes the "
+            "MSCOCO and Flickr30k retrieval metrics"
+        )
+    for dataset in datasets:
+        folder = clip_benchmark_folder(root, dataset)
+        if not (folder / "test" / "nshards.txt").is_file():
+            problems.append(
+                f"{dataset} retrieval data not found: {folder / 'test' / 'nshards.txt'} is "
+                f"missing. Fetch clip_benchmark's webdataset copy into {folder}, e.g. "
+                f"huggingface-cli download --repo-type dataset "
+                f"clip-benchmark/wds_{CLIP_BENCHMARK_DATASETS[dataset]} --local-dir {folder}"
+            )
+    return problems
+
+
+def check_local_retrieval(folder: Path) -> list[str]:
+    annotations = folder / "annotations.csv"
+    if not annotations.is_file():
+        return [
+            f"local retrieval set not found: {annotations} is missing (write one with "
+            "python -m recipes.cc3m.make_smoke_data)"
+        ]
+    table = pd.read_csv(annotations)
+    missing_columns = [c for c in ("image", "caption", "label") if c not in table.columns]
+    if missing_columns:
+        return [f"{annotations} has no column(s) {missing_columns}"]
+    missing_images = [n for n in table["image"] if not (folder / "images" / n).is_file()]
+    if missing_images:
+        return [
+            f"{len(missing_images)} images of {annotations} are missing from "
+            f"{folder / 'images'} (first: {missing_images[0]})"
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------- metrics
+def recall_at_k(scores: Any, positive: Any, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
+    """Percentage of queries (rows) with at least one positive among their top-k candidates.
+
+    ``scores`` and ``positive`` are (queries, candidates) tensors; this is the retrieval
+    recall of CLIP papers and of clip_benchmark (a query counts once however many positives).
+    """
+    k_max = min(max(ks), scores.shape[1])
+    top = scores.topk(k_max, dim=1).indices
+    hits = positive.gather(1, top)
+    return {k: 100.0 * hits[:, : min(k, k_max)].any(dim=1).float().mean().item() for k in ks}
+
+
+def local_retrieval(
+    model: Any, preprocess: Any, tokenizer: Any, folder: Path, device: str, batch_size: int = 64
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways on the local set; a caption matches every image of its class."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    table = pd.read_csv(folder / "annotations.csv")
+    image_features, text_features = [], []
+    with torch.no_grad():
+        for start in range(0, len(table), batch_size):
+            rows = table.iloc[start : start + batch_size]
+            images = torch.stack(
+                [preprocess(Image.open(folder / "images" / name)) for name in rows["image"]]
+            ).to(device)
+            texts = tokenizer(list(rows["caption"])).to(device)
+            image_features.append(F.normalize(model.encode_image(images).float(), dim=-1).cpu())
+            text_features.append(F.normalize(model.encode_text(texts).float(), dim=-1).cpu())
+    images_emb, texts_emb = torch.cat(image_features), torch.cat(text_features)
+    labels = torch.tensor(table["label"].to_numpy().copy())
+    positive = labels[:, None] == labels[None, :]  # images (rows) x captions (columns)
+    scores = images_emb @ texts_emb.T
+    metrics = {}
+    for k, value in recall_at_k(scores, positive).items():
+        metrics[f"local_i2t_r{k}"] = value
+    for k, value in recall_at_k(scores.T, positive.T).items():
+        metrics[f"local_t2i_r{k}"] = value
+    return metrics
+
+
+def clip_benchmark_retrieval(
+    model: Any,
+    preprocess: Any,
+    tokenizer: Any,
+    dataset: str,
+    root: Path,
+    device: str,
+    batch_size: int,
+    workers: int,
+    amp: bool,
+) -> dict[str, float]:
+    """MSCOCO or Flickr30k retrieval with clip_benchmark's own dataset builder and metric."""
+    import torch
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_retrieval
+
+    data = build_dataset(
+        dataset_name=f"wds/{CLIP_BENCHMARK_DATASETS[dataset]}",
+        root=str(clip_benchmark_folder(root, dataset)),
+        transform=preprocess,
+        split="test",
+        download=False,
+        task="zeroshot_retrieval",
+    )
+    loader = torch.utils.data.DataLoader(
+        data.batched(batch_size), batch_size=None, shuffle=False, num_workers=workers
+    )
+    raw = zeroshot_retrieval.evaluate(
+        model, loader, tokenizer, device=device, amp=amp, recall_k_list=list(RECALL_KS)
+    )
+    # clip_benchmark: "text_retrieval" = image query -> captions, "image_retrieval" = the reverse.
+    metrics = {}
+    for k in RECALL_KS:
+        metrics[f"{dataset}_i2t_r{k}"] = 100.0 * raw[f"text_retrieval_recall@{k}"]
+        metrics[f"{dataset}_t2i_r{k}"] = 100.0 * raw[f"image_retrieval_recall@{k}"]
+    return metrics
+
+
+def imagenet_zero_shot(
+    spec: CheckpointSpec,
+    imagenet_val: Path,
+    work_dir: Path,
+    batch_size: int,
+    workers: int,
+    precision: str,
+) -> dict[str, float]:
+    """Zero-shot ImageNet top-1/top-5 through OpenCLIP's ``--imagenet-val``, in a subprocess."""
+    name = f"imagenet-{spec.label}"
+    shutil.rmtree(work_dir / name, ignore_errors=True)  # OpenCLIP refuses an existing run name
+    command = [
+        sys.executable,
+        "-m",
+        "recipes.cc3m.run",
+        "--upstream",
+        "--model",
+        spec.model,
+        "--pretrained",
+        str(spec.path.resolve()),
+        "--imagenet-val",
+        str(imagenet_val.resolve()),
+        "--zeroshot-frequency",
+        "1",
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(workers),
+        "--precision",
+        precision,
+        "--logs",
+        str(work_dir.resolve()),
+        "--name",
+        name,
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    results = work_dir / name / "checkpoints" / "results.jsonl"
+    if done.returncode != 0 or not results.is_file():
+        raise RuntimeError(
+            f"OpenCLIP's zero-shot ImageNet evaluation failed (exit {done.returncode}):\n"
+            + (done.stdout + done.stderr)[-3000:]
+        )
+    last = json.loads(results.read_text().strip().splitlines()[-1])
+    return {
+        "imagenet_top1": 100.0 * last["imagenet-zeroshot-val-top1"],
+        "imagenet_top5": 100.0 * last["imagenet-zeroshot-val-top5"],
+    }
+
+
+# ----------------------------------------------------------------------------- one checkpoint
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """Epoch and loss recorded in an OpenCLIP checkpoint (loss ``clip`` when none is recorded)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    info: dict[str, Any] = {"checkpoint": str(path)}
+    if isinstance(checkpoint, dict):
+        info["epoch"] = checkpoint.get("epoch")
+        info["loss"] = checkpoint.get("loss_name", "clip")
+    return info
+
+
+def evaluate_checkpoint(
+    spec: CheckpointSpec,
+    output: Path,
+    imagenet_val: Optional[Path] = None,
+    clip_benchmark_root: Optional[Path] = None,
+    datasets: Sequence[str] = tuple(CLIP_BENCHMARK_DATASETS),
+    local_retrieval_dir: Optional[Path] = None,
+    device: Optional[str] = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    precision: Optional[str] = None,
+) -> dict[str, Any]:
+    """Runs the requested evaluations of one checkpoint and saves ``output/runs/<label>.json``."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = precision or ("amp" if device.startswith("cuda") else "fp32")
+    result: dict[str, Any] = {
+        "label": spec.label,
+        "model": spec.model,
+        **checkpoint_info(spec.path),
+    }
+    if imagenet_val is not None:
+        result.update(
+            imagenet_zero_shot(
+                spec, imagenet_val, output / "openclip_logs", batch_size, workers, precision
+            )
+        )
+    if clip_benchmark_root is not None or local_retrieval_dir is not None:
+        import open_clip
+
+        from recipes.cc3m import register_model_configs
+
+        register_model_configs()
+        # weights_only=False: the user's own training checkpoints also hold the optimizer and
+        # loss state, which are not plain tensors.
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=str(spec.path), device=device, weights_only=False
+        )
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(spec.model)
+        if local_retrieval_dir is not None:
+            result.update(
+                local_retrieval(model, preprocess, tokenizer, local_retrieval_dir, device)
+            )
+        if clip_benchmark_root is not None:
+            for dataset in datasets:
+                result.update(
+                    clip_benchmark_retrieval(
+                        model,
+                        preprocess,
+                        tokenizer,
+                        dataset,
+                        clip_benchmark_root,
+                        device,
+                        batch_size,
+                        workers,
+                        amp=precision == "amp",
+                    )
+                )
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    (output / "runs" / f"{spec.label}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ----------------------------------------------------------------------------- the table
+METRIC_COLUMNS = ["imagenet_top1", "imagenet_top5"] + [
+    f"{dataset}_{direction}_r{k}"
+    for dataset in CLIP_BENCHMARK_DATASETS
+    for direction in ("i2t", "t2i")
+    for k in RECALL_KS
+]
+LOCAL_COLUMNS = [f"local_{direction}_r{k}" for direction in ("i2t", "t2i") for k in RECALL_KS]
+HEADERS = {
+    "imagenet_top1": "ImageNet zero-shot top-1",
+    "imagenet_top5": "ImageNet zero-shot top-5",
+    **{
+        f"{d}_{direction}_r{k}": f"{name} {arrow} R@{k}"
+        for d, name in (("mscoco", "MSCOCO"), ("flickr30k", "Flickr30k"), ("local", "local"))
+        for direction, arrow in (("i2t", "I→T"), ("t2i", "T→I"))
+        for k in RECALL_KS
+    },
+}
+
+
+def build_table(output: Path) -> pd.DataFrame:
+    """Our saved runs, then the published settings, as one table; writes .md and .csv."""
+    runs = [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
+    local_used = any(any(c in run for c in LOCAL_COLUMNS) for run in runs)
+    metrics = METRIC_COLUMNS + (LOCAL_COLUMNS if local_used else [])
+    rows = []
+    for run in runs:
+        row = {
+            "source": "ours",
+            "run": run["label"],
+            "method": run.get("loss", ""),
+            "model": run.get("model", ""),
+            "epoch": run.get("epoch", ""),
+        }
+        for column in metrics:
+            row[column] = f"{run[column]:.2f}" if column in run else "not run"
+        rows.append(row)
+    for published in PUBLISHED:
+        for method in published["methods"]:
+            row = {
+                "source": f"published ({published['source']})",
+                "run": "",
+                "method": method,
+                "model": published["setting"],
+                "epoch": "",
+            }
+            for column in metrics:
+                is_local = column.startswith("local_")
+                row[column] = "n/a" if is_local else "see paper"
+            rows.append(row)
+    table = pd.DataFrame(rows, columns=["source", "run", "method", "model", "epoch", *metrics])
+    output.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output / "comparison.csv", index=False)
+    (output / "comparison.md").write_text(markdown_table(table, runs))
+    return table
+
+
+def markdown_table(table: pd.DataFrame, runs: list[dict[str, Any]]) -> str:
+    """The table as Markdown; published rows point to a numbered reference with their setting."""
+    references = {p["source"]: n for n, p in enumerate(PUBLISHED, start=1)}
+    columns = list(table.columns)
+    lines = [
+        "# CC3M: our runs beside the published results",
+        "",
+        "Rows marked *published* are the papers' results, not ours: their numbers are not "
+        'copied here ("see paper"), read them from the cited tables. Our retrieval numbers are '
+        "recall in percent (clip_benchmark's MSCOCO 5k and Flickr30k 1k test splits); "
+        '"not run" marks an evaluation that was not asked for.',
+        "",
+        "| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for _, row in table.iterrows():
+        cells = {c: str(row[c]).replace("|", "/") for c in columns}
+        if row["source"] != "ours":
+            source = row["source"][len("published (") : -1]
+            ref = f"[{references[source]}]"
+            cells["source"] = f"*published {ref}*"
+            cells["model"] = f"setting of {ref}"
+            cells.update({c: f"see paper {ref}" for c in columns if cells[c] == "see paper"})
+        lines.append("| " + " | ".join(cells[c] for c in columns) + " |")
+    if not runs:
+        lines += ["", "No runs evaluated yet."]
+    lines += ["", "Published settings:", ""]
+    for n, published in enumerate(PUBLISHED, start=1):
+        lines.append(f"- [{n}] {published['source']}. Setting: {published['setting']}.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.cc3m.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output", type=Path, required=True, help="folder for runs/ and tables")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[LABEL=]PATH",
+        help="checkpoint to evaluate (repeatable); without any, only the table is rebuilt",
+    )
+    parser.add_argument("--model", help="open_clip model name (default: the run's params.txt)")
+    parser.add_argument("--imagenet-val", type=Path, help="ImageNet validation folder")
+    parser.add_argument("--clip-benchmark-root", type=Path, help="clip_benchmark data folder")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=sorted(CLIP_BENCHMARK_DATASETS),
+        default=list(CLIP_BENCHMARK_DATASETS),
+        help="clip_benchmark retrieval datasets to run",
+    )
+    parser.add_argument("--local-retrieval", type=Path, help="local retrieval set (smoke mode)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--precision", choices=["amp", "fp32", "bf16"], help="default: amp on GPU, fp32 on CPU"
+    )
+    args = parser.parse_args(argv)
+    try:
+        specs = [parse_checkpoint(spec, args.model) for spec in args.checkpoint]
+        problems: list[str] = []
+        if args.imagenet_val is not None:
+            problems += check_imagenet_folder(args.imagenet_val)
+        if args.clip_benchmark_root is not None:
+            problems += check_clip_benchmark(args.clip_benchmark_root, args.datasets)
+        if args.local_retrieval is not None:
+            problems += check_local_retrieval(args.local_retrieval)
+        if problems:
+            raise EvaluationInputError("; ".join(problems))
+    except EvaluationInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for spec in specs:
+        result = evaluate_checkpoint(
+            spec,
+            args.output,
+            imagenet_val=args.imagenet_val,
+            clip_benchmark_root=args.clip_benchmark_root,
+            datasets=args.datasets,
+            local_retrieval_dir=args.local_retrieval,
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
+        )
+        print(json.dumps(result, indent=2))
+    build_table(args.output)
+    print(f"wrote {args.output / 'comparison.md'} and {args.output / 'comparison.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
