@@ -1,0 +1,267 @@
+"""OpenCLIP training data that carries each sample's table index to the loss.
+
+``open_clip_train`` builds its training set in ``open_clip_train.data`` and its training loop
+unpacks every batch strictly as ``images, texts = batch``. The stateful losses also need the
+index of each pair, so the training set is built by upstream's own functions with three of its
+names swapped while it is built (:func:`indexed_train_data`):
+
+- webdataset: ``to_tuple("image", "text")`` also keeps ``__key__`` and ``__url__``, and the
+  time-seeded sample shuffle becomes one seeded by (seed, epoch, rank, worker), so a resumed run
+  sees the same samples in the same order as one that was not interrupted;
+- csv: the dataset also returns the row number; synthetic: the item number.
+
+:class:`IndexedLoader` then maps each batch's keys (or row numbers) to table indices in the main
+process, hands them to a callback, and yields ``(images, texts)`` as upstream expects.
+
+Also here: the webdataset 1.0.2 end-of-shard fix for ``open_clip_train``'s own shard reader
+(:func:`tarfile_to_samples_nothrow`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from open_clip_train import data as upstream_data
+from torch import Tensor
+from torch.utils.data import get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import tar_file_expander, url_opener
+
+from openclip_tau.key_index import KeyIndex, MissingKeyError
+
+
+# ------------------------------------------------------------------ webdataset 1.0.2 fix
+def _drop_end_of_shard_markers(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    # webdataset 1.0.2 yields an empty dict after each shard; open_clip_train's grouper reads
+    # filesample["fname"] and fails on it (KeyError: 'fname'). Its grouper already starts a new
+    # sample when a key or a suffix repeats, so dropping the marker is all it needs.
+    return (f for f in files if f)
+
+
+def tarfile_to_samples_nothrow(
+    src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool] = None
+) -> Iterator[dict[str, Any]]:
+    """``open_clip_train.data.tarfile_to_samples_nothrow`` that works with webdataset 1.0.2."""
+    handler = handler or upstream_data.log_and_continue
+    streams = url_opener(src, handler=handler)
+    files = tar_file_expander(streams, handler=handler)
+    return upstream_data.group_by_keys_nothrow(_drop_end_of_shard_markers(files), handler=handler)
+
+
+# ------------------------------------------------------------------ determinism
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (seed, epoch, rank, ...), well mixed and platform-stable."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds ``torch``, ``random`` and ``numpy`` (what OpenCLIP's augmentations draw from)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class EpochSeededShuffle(wds.PipelineStage):
+    """webdataset's buffered sample shuffle, seeded by (seed, epoch, rank, worker, pass).
+
+    Replaces upstream's sample shuffle, which seeds from the clock. Inside a DataLoader worker it
+    also seeds the worker's random generators at each pass, so random augmentations depend on the
+    epoch, not on how many epochs this process has run: a resumed run repeats them.
+    """
+
+    def __init__(self, bufsize: int, initial: int, seed: int, shared_epoch: Any) -> None:
+        self.bufsize = bufsize
+        self.initial = initial
+        self.seed = seed
+        self.shared_epoch = shared_epoch
+        self._epoch = -1
+        self._pass = 0  # passes over the shards within one epoch (an epoch can wrap around)
+
+    def run(self, src: Iterator[Any]) -> Iterator[Any]:
+        epoch = self.shared_epoch.get_value()
+        self._pass = self._pass + 1 if epoch == self._epoch else 0
+        self._epoch = epoch
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        seed = derive_seed(self.seed, epoch, rank, worker, self._pass)
+        if get_worker_info() is not None:
+            seed_everything(seed)
+        return _shuffle(src, self.bufsize, self.initial, random.Random(seed))
+
+
+# ------------------------------------------------------------------ indexed datasets
+_SharedEpoch = upstream_data.SharedEpoch  # the class itself, whatever is patched in later
+
+
+class IndexedCsvDataset(upstream_data.CsvDataset):
+    """Upstream's ``CsvDataset`` returning ``(image, text, row)``: the row number is the index."""
+
+    def __getitem__(self, idx: int) -> tuple[Any, Any, int]:
+        return (*super().__getitem__(idx), idx)
+
+
+class IndexedSyntheticDataset(upstream_data.SyntheticDataset):
+    """Upstream's ``SyntheticDataset`` returning ``(image, text, item)``."""
+
+    def __getitem__(self, idx: int) -> tuple[Any, Any, int]:
+        return (*super().__getitem__(idx), idx)
+
+
+class _IndexedWebdataset:
+    """Stands in for the ``webdataset`` module inside ``open_clip_train.data`` while the
+    training set is built: keeps each sample's key and shard, and seeds the sample shuffle."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.shared_epoch: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(wds, name)
+
+    def record_shared_epoch(self, epoch: int = 0) -> Any:
+        self.shared_epoch = _SharedEpoch(epoch)
+        return self.shared_epoch
+
+    def shuffle(self, bufsize: int = 1000, initial: int = 100, **kwargs: Any) -> Any:
+        if kwargs or self.shared_epoch is None:
+            raise RuntimeError(
+                "open_clip_train's webdataset pipeline is not the one openclip_tau supports "
+                "(open-clip-torch 3.3): unexpected sample shuffle."
+            )
+        return EpochSeededShuffle(bufsize, initial, self.seed, self.shared_epoch)
+
+    def to_tuple(self, *fields: str, **kwargs: Any) -> Any:
+        if fields != ("image", "text") or kwargs:
+            raise RuntimeError(
+                "open_clip_train's webdataset pipeline is not the one openclip_tau supports "
+                f"(open-clip-torch 3.3): it packs {fields}."
+            )
+        return wds.to_tuple("image", "text", "__key__", "__url__")
+
+
+@contextlib.contextmanager
+def patched(module: Any, **replacements: Any) -> Iterator[None]:
+    """Temporarily replaces attributes of ``module`` (restored on exit, even on error)."""
+    saved = {name: getattr(module, name) for name in replacements}
+    try:
+        for name, value in replacements.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def indexed_train_data(
+    args: Any, preprocess_train: Callable, epoch: int, tokenizer: Any
+) -> upstream_data.DataInfo:
+    """The training set of ``args`` built by ``open_clip_train.data``, with an index per pair.
+
+    Batches are ``(images, texts, index)`` for csv and synthetic data and
+    ``(images, texts, keys, shard_urls)`` for webdataset; wrap the loader in
+    :class:`IndexedLoader` before upstream's training loop sees it.
+    """
+    fake_wds = _IndexedWebdataset(seed=args.seed)
+    with patched(
+        upstream_data,
+        wds=fake_wds,
+        SharedEpoch=fake_wds.record_shared_epoch,
+        CsvDataset=IndexedCsvDataset,
+        SyntheticDataset=IndexedSyntheticDataset,
+        tarfile_to_samples_nothrow=tarfile_to_samples_nothrow,
+    ):
+        build = upstream_data.get_dataset_fn(args.train_data, args.dataset_type)
+        return build(args, preprocess_train, is_train=True, epoch=epoch, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------ keys to indices
+class SampleIndexer:
+    """Maps a batch's sample identities to per-sample table indices, with errors naming the key.
+
+    - row or item numbers (csv, synthetic) are the index;
+    - webdataset keys go through a :class:`~openclip_tau.key_index.KeyIndex` when one is given,
+      else are read as integers (img2dataset's keys are digit strings), as FastCLIP does.
+
+    Args:
+        num_samples: Table size; every index must lie in [0, num_samples).
+        key_index: Dense key map, or None for integer keys.
+    """
+
+    def __init__(self, num_samples: int, key_index: Optional[KeyIndex] = None) -> None:
+        self.num_samples = num_samples
+        self.key_index = key_index
+
+    def __call__(self, ident: Any, urls: Optional[Sequence[str]] = None) -> Tensor:
+        if isinstance(ident, Tensor):
+            return self._checked(ident.long(), [str(i) for i in ident.tolist()], None)
+        keys = [str(k) for k in ident]
+        if self.key_index is not None:
+            try:
+                index = torch.from_numpy(self.key_index.indices(keys))
+            except MissingKeyError as err:
+                shard = urls[keys.index(err.key)] if urls else "?"
+                raise MissingKeyError(err.key, f"{err} (shard {shard})") from None
+            return self._checked(index, keys, urls)
+        values = []
+        for k, key in enumerate(keys):
+            try:
+                values.append(int(key))
+            except ValueError:
+                raise ValueError(
+                    f"Sample key {key!r} (shard {urls[k] if urls else '?'}) is not an integer, so "
+                    "it cannot index the per-sample table directly. Build a key index with "
+                    "python -m openclip_tau.key_index --shards <pattern> --output <file> and "
+                    "pass --tau-key-index <file>."
+                ) from None
+        return self._checked(torch.tensor(values, dtype=torch.long), keys, urls)
+
+    def _checked(self, index: Tensor, keys: Sequence[str], urls: Optional[Sequence[str]]) -> Tensor:
+        bad = ((index < 0) | (index >= self.num_samples)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            where = f" (shard {urls[k]})" if urls else ""
+            raise ValueError(
+                f"Sample key {keys[k]!r}{where} gives index {int(index[k])}, outside the "
+                f"per-sample table [0, {self.num_samples}). Pass --tau-num-samples larger than "
+                "every key, or a key index built over these shards (--tau-key-index)."
+            )
+        return index
+
+
+class IndexedLoader:
+    """Yields ``(images, texts)`` from a loader of indexed batches, handing each batch's table
+    indices to ``on_batch`` first; other attributes (``num_batches``, ...) are the loader's."""
+
+    def __init__(
+        self, dataloader: Any, indexer: SampleIndexer, on_batch: Callable[[Tensor], None]
+    ) -> None:
+        self.dataloader = dataloader
+        self.indexer = indexer
+        self.on_batch = on_batch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.dataloader:
+            if len(batch) == 3:
+                images, texts, ident = batch
+                urls = None
+            elif len(batch) == 4:
+                images, texts, ident, urls = batch
+            else:
+                raise RuntimeError(
+                    f"Expected indexed batches of 3 or 4 fields, got {len(batch)}: the training "
+                    "set was not built by openclip_tau.data.indexed_train_data."
+                )
+            self.on_batch(self.indexer(ident, urls))
+            yield images, texts
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataloader":
+            raise AttributeError(name)
+        return getattr(self.dataloader, name)

@@ -1,0 +1,168 @@
+"""Tiny real image-text data and a tiny registered model for the OpenCLIP training tests.
+
+Images are Fashion-MNIST (the Debian package's gzipped idx files), captions name the class in a
+few templates ("a photo of a sneaker"), written as webdataset shards in img2dataset's layout
+(``jpg``, ``txt``, ``json`` members under sparse string keys) or as a csv of image files.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import open_clip
+import webdataset as wds
+from PIL import Image
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASS_NAMES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+
+TINY_MODEL = "tau-tiny"
+TINY_MODEL_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+# Deterministic preprocessing: a full-image crop at every draw, so runs compare bit for bit.
+NO_CROP_AUGMENTATION = ["--aug-cfg", "scale=(1.0,1.0)"]
+
+
+def write_tiny_model_config(directory: os.PathLike) -> Path:
+    """Writes the tiny model's JSON config (``tau-tiny``) and returns its path."""
+    path = Path(directory) / f"{TINY_MODEL}.json"
+    path.write_text(json.dumps(TINY_MODEL_CONFIG))
+    return path
+
+
+def register_tiny_model(directory: os.PathLike) -> Path:
+    """Writes and registers the tiny config with ``open_clip.add_model_config``."""
+    path = write_tiny_model_config(directory)
+    open_clip.add_model_config(path)
+    return path
+
+
+def fashion_mnist(num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The first ``num_images`` Fashion-MNIST images (uint8, N x 28 x 28) and labels."""
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz") as f:
+        header = np.frombuffer(f.read(16), dtype=">i4")
+        if header[1] < num_images:
+            raise ValueError(f"Fashion-MNIST {split} has only {header[1]} images.")
+        pixels = np.frombuffer(f.read(num_images * 28 * 28), dtype=np.uint8)
+    with gzip.open(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz") as f:
+        f.read(8)
+        labels = np.frombuffer(f.read(num_images), dtype=np.uint8)
+    return pixels.reshape(num_images, 28, 28), labels.astype(np.int64)
+
+
+def caption(label: int, position: int) -> str:
+    """A caption that names the class, the template chosen by position."""
+    return TEMPLATES[position % len(TEMPLATES)].format(CLASS_NAMES[label])
+
+
+def jpeg_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def img2dataset_key(shard: int, position: int) -> str:
+    """img2dataset's key: 5 digits of shard then 4 of position (sparse across shards)."""
+    return f"{shard:05d}{position:04d}"
+
+
+def write_shards(
+    directory: os.PathLike,
+    num_samples: int,
+    samples_per_shard: int,
+    corrupt_keys: Iterable[str] = (),
+    key_fn=img2dataset_key,
+) -> list[str]:
+    """Writes Fashion-MNIST image-caption pairs as webdataset shards ``00000.tar``, ...
+
+    Members are ``<key>.jpg``, ``<key>.txt`` and ``<key>.json`` as img2dataset writes them; the
+    jpg of each key in ``corrupt_keys`` is replaced by bytes that do not decode. Returns the keys
+    in write order.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pixels, labels = fashion_mnist(num_samples)
+    corrupt = set(corrupt_keys)
+    keys = []
+    for shard_start in range(0, num_samples, samples_per_shard):
+        shard = shard_start // samples_per_shard
+        with wds.TarWriter(str(directory / f"{shard:05d}.tar")) as sink:
+            for position, i in enumerate(
+                range(shard_start, min(shard_start + samples_per_shard, num_samples))
+            ):
+                key = key_fn(shard, position)
+                text = caption(int(labels[i]), i)
+                image = b"not a jpeg" if key in corrupt else jpeg_bytes(pixels[i])
+                sink.write(
+                    {
+                        "__key__": key,
+                        "jpg": image,
+                        "txt": text,
+                        "json": json.dumps({"key": key, "caption": text}).encode(),
+                    }
+                )
+                keys.append(key)
+    return keys
+
+
+def shard_pattern(directory: os.PathLike, num_shards: int) -> str:
+    """Brace pattern over ``num_shards`` shards: ``dir/{00000..00003}.tar``."""
+    return os.path.join(str(directory), f"{{00000..{num_shards - 1:05d}}}.tar")
+
+
+def write_csv(directory: os.PathLike, num_samples: int, offset: int = 0) -> Path:
+    """Writes images as png files and a tab-separated ``train.csv`` (``filepath``, ``title``)."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    pixels, labels = fashion_mnist(offset + num_samples)
+    path = directory / "train.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["filepath", "title"])
+        for i in range(offset, offset + num_samples):
+            image_path = directory / "images" / f"{i}.png"
+            Image.fromarray(pixels[i]).convert("RGB").save(image_path)
+            writer.writerow([str(image_path), caption(int(labels[i]), i)])
+    return path
+
+
+def tar_member_names(path: os.PathLike) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def loss_values(log_path: os.PathLike, name: str = "Contrastive_loss") -> list[float]:
+    """The per-step ``<name>: value (average)`` values that ``open_clip_train`` logged."""
+    values = []
+    for line in Path(log_path).read_text().splitlines():
+        if "Train Epoch" in line and f"{name}: " in line:
+            values.append(float(line.split(f"{name}: ")[1].split()[0]))
+    return values
+
+
+def first(items: Iterable, default: Optional[object] = None):
+    return next(iter(items), default)
