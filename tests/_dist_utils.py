@@ -49,9 +49,14 @@ def build_loss(case: str, world_size: int, rank: int) -> nn.Module:
         return SogCLRLoss(NUM_SAMPLES, temperature=0.2, gamma=0.7, gather_distributed=True)
     if case == "isogclr":
         return ISogCLRLoss(
-            NUM_SAMPLES, rho=0.4, tau_init=0.2, eta=0.5, beta=0.6, gamma=0.7,
+            NUM_SAMPLES,
+            rho=0.4,
+            tau_init=0.2,
+            eta=0.5,
+            beta=0.6,
+            gamma=0.7,
             gather_distributed=True,
-        )  # fmt: skip
+        )
     if case == "dystress":
         return DySTreSSLoss(tau_min=0.1, tau_max=0.3, gather_distributed=True)
     clip_kwargs: dict[str, Any] = {"rank": rank, "world_size": world_size}
@@ -59,9 +64,15 @@ def build_loss(case: str, world_size: int, rank: int) -> nn.Module:
         return SogCLRClipLoss(NUM_SAMPLES, temperature=0.1, gamma=0.7, **clip_kwargs)
     if case == "isogclr_clip":
         return ISogCLRClipLoss(
-            NUM_SAMPLES, rho=1.0, tau_init=0.1, tau_min=0.02, eta=0.2, beta=0.6, gamma=0.7,
+            NUM_SAMPLES,
+            rho=1.0,
+            tau_init=0.1,
+            tau_min=0.02,
+            eta=0.2,
+            beta=0.6,
+            gamma=0.7,
             **clip_kwargs,
-        )  # fmt: skip
+        )
     if case == "dystress_clip":
         return DySTreSSClipLoss(tau_min=0.05, tau_max=0.15, **clip_kwargs)
     raise ValueError(f"unknown case {case!r}")

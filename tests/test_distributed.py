@@ -14,7 +14,6 @@ For the Lightly losses with ``gather_distributed=True`` and the OpenCLIP losses 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,7 +75,7 @@ def test_state_covers_both_ranks_and_the_shared_index(rank_results: list[dict[st
     torch.testing.assert_close(tau[0][shared], single_tau[shared], rtol=1e-4, atol=1e-6)
 
 
-def test_rank_results_are_written(rank_results: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_rank_results_are_written(rank_results: list[dict[str, Any]]) -> None:
     """Both ranks trained every case for every step (guards the comparisons above)."""
     assert len(rank_results) == WORLD_SIZE
     for result in rank_results:

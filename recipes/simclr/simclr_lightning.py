@@ -35,7 +35,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from recipes.simclr.common import (
-    CONSOLE_STATS,
     RunResult,
     add_common_arguments,
     build_backbone,
@@ -49,6 +48,9 @@ from recipes.simclr.common import (
     simclr_transform,
     takes_index,
 )
+
+# Shown beside the loss on the progress bar; every statistic goes to TensorBoard.
+PROGRESS_BAR_STATS = ("tau_mean", "tau_positive_mean")
 
 
 class SimCLR(pl.LightningModule):
@@ -105,7 +107,7 @@ class SimCLR(pl.LightningModule):
         stats = loss_stats(self.criterion)
         # Each rank's own batch statistics; the logger writes rank 0's (no per-step all-reduce).
         for name, value in stats.items():
-            self.log(f"train/{name}", value, prog_bar=name in CONSOLE_STATS[:2])
+            self.log(f"train/{name}", value, prog_bar=name in PROGRESS_BAR_STATS)
         self.visited[index.cpu()] = True
         self.step_losses.append(loss.detach())
         return loss

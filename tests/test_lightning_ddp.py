@@ -1,0 +1,59 @@
+"""A 2-process Lightning DDP run of the SimCLR example keeps ISogCLRLoss's state in sync.
+
+Lightning's DDP re-broadcasts module buffers from rank 0 at every forward; a per-sample table
+kept as a buffer and updated with each rank's own indices would lose rank 1's updates (or
+differ between ranks). Here both ranks must end with identical tables that hold the updates of
+every sample either rank trained on, and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from _dist_utils import free_port
+
+from recipes.simclr.common import prepare_fashion_mnist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_IMAGES, BATCH_SIZE, STEPS, TAU_INIT = 128, 16, 3, 0.1
+
+
+def test_lightning_ddp_keeps_isogclr_state_identical_on_both_ranks(tmp_path: Path) -> None:
+    data_root, state_dir = tmp_path / "data", tmp_path / "state"
+    prepare_fashion_mnist(data_root)  # once here, not by both ranks at the same time
+    command = [sys.executable, "-m", "recipes.simclr.simclr_lightning", "--loss", "isogclr"]
+    command += ["--tau-init", str(TAU_INIT), "--eta", "0.1", "--backbone", "convnet"]
+    command += ["--num-samples-limit", str(NUM_IMAGES), "--batch-size", str(BATCH_SIZE)]
+    command += ["--max-steps", str(STEPS), "--devices", "2", "--strategy", "ddp"]
+    command += ["--accelerator", "cpu", "--num-threads", "1", "--data-root", str(data_root)]
+    command += ["--log-dir", str(tmp_path / "logs"), "--loss-state-dir", str(state_dir)]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    process = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    ranks = [torch.load(state_dir / f"loss_state_rank{r}.pt") for r in range(2)]
+    tables = [{k: v for k, v in r["loss_state"].items() if "state." in k} for r in ranks]
+    assert set(tables[0]) == {"state.log_u", "state.tau", "state.momentum"}
+    for name in tables[0]:
+        assert torch.equal(tables[0][name], tables[1][name]), f"{name} differs between ranks"
+
+    visited = [r["visited"] for r in ranks]
+    # DistributedSampler gives each rank its own half of the shuffled images.
+    assert int(visited[0].sum()) == int(visited[1].sum()) == STEPS * BATCH_SIZE
+    assert not (visited[0] & visited[1]).any()
+    either = visited[0] | visited[1]
+    log_u, tau, momentum = (tables[0][f"state.{n}"] for n in ("log_u", "tau", "momentum"))
+    # Rank 0's tables hold the updates of rank 1's samples, and only visited rows changed.
+    assert torch.isfinite(log_u[visited[1]]).all()
+    assert (tau[visited[1]] != TAU_INIT).all() and (momentum[visited[1]] != 0).all()
+    assert torch.isfinite(log_u[either]).all() and (tau[either] != TAU_INIT).all()
+    assert torch.isneginf(log_u[~either]).all()
+    assert (tau[~either] == TAU_INIT).all() and (momentum[~either] == 0).all()
