@@ -163,6 +163,12 @@ class _GlobalContrastiveLoss(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.epoch = int(state.get("epoch", 0))
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # The epoch (this module's extra state) is loaded before the tables (a child module):
+        # check the tables first so that a checkpoint of another size changes nothing.
+        self.state.check_loadable(state_dict, prefix + "state.")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _row_temperature(self, rows: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 

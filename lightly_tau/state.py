@@ -167,6 +167,29 @@ class PerSampleState(nn.Module):
         for name, table in self._tables.items():
             destination[prefix + name] = table if keep_vars else table.detach().clone()
 
+    def check_loadable(self, state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+        """The tables found in ``state_dict`` under ``prefix``, checked against ``num_samples``.
+
+        Raises a ``ValueError`` naming both sizes for a table of another length. A module that
+        holds this state calls it before loading its own entries, so that a failed load
+        changes nothing (``nn.Module`` loads a parent's entries before its children's).
+        """
+        incoming: dict[str, Tensor] = {}
+        for name in self._tables:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if value.dim() != 1 or value.shape[0] != self.num_samples:
+                raise ValueError(
+                    f"Cannot load per-sample state '{key}' of shape {tuple(value.shape)} into a "
+                    f"loss with num_samples={self.num_samples}: the checkpoint was made for "
+                    f"{value.shape[0] if value.dim() == 1 else 'another'} samples. Build the loss "
+                    "with the num_samples of the checkpoint's dataset."
+                )
+            incoming[name] = value
+        return incoming
+
     def _load_from_state_dict(
         self,
         state_dict: Any,
@@ -178,26 +201,17 @@ class PerSampleState(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # Check every table before copying any, so a bad checkpoint leaves the state untouched.
-        incoming: dict[str, Tensor] = {}
-        for name in self._tables:
-            key = prefix + name
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if value.dim() != 1 or value.shape[0] != self.num_samples:
-                raise ValueError(
-                    f"Cannot load per-sample state '{key}' of shape {tuple(value.shape)} into a "
-                    f"loss with num_samples={self.num_samples}: the checkpoint was made for "
-                    f"{value.shape[0] if value.dim() == 1 else 'another'} samples. Build the loss "
-                    "with the num_samples of the checkpoint's dataset."
-                )
-            incoming[name] = value
+        incoming = self.check_loadable(state_dict, prefix)
+        missing_keys.extend(prefix + name for name in self._tables if name not in incoming)
         for name, value in incoming.items():
             self._tables[name].copy_(value.to(self.device, torch.float32))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # nn.Module knows only parameters and buffers and reports the tables as unexpected,
+        # which makes a strict load_state_dict of the module's own state_dict fail.
+        tables = {prefix + name for name in self._tables}
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in tables]
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, tables={self.names}"
