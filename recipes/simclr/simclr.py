@@ -101,14 +101,15 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     criterion = build_loss(args.loss, num_samples=len(dataset), **options).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 
-    result = RunResult(criterion, visited=torch.zeros(len(dataset), dtype=torch.bool))
+    visited = torch.zeros(len(dataset), dtype=torch.bool)
+    step_losses: list[float] = []
     step = 0
     print(f"Starting Training: --loss {args.loss}, {len(dataset)} images, {device}")
     for epoch in range(args.epochs):
         if hasattr(criterion, "set_epoch"):
             criterion.set_epoch(epoch)
-        total_loss = 0.0
-        num_batches = 0
+        # Kept on the device during the epoch: no host synchronisation per step.
+        epoch_losses: list[torch.Tensor] = []
         for batch in dataloader:
             (x0, x1), _, index = batch
             x0 = x0.to(device)
@@ -119,28 +120,33 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
                 loss = criterion(z0, z1, index.to(device))
             else:
                 loss = criterion(z0, z1)
-            total_loss += loss.item()
-            num_batches += 1
+            epoch_losses.append(loss.detach())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 
             step += 1
-            result.losses.append(loss.item())
-            result.visited[index] = True
-            result.stats = {k: v.item() for k, v in loss_stats(criterion).items()}
+            visited[index] = True
             if step % args.log_every == 0:
-                print(f"step {step:>5}  loss {loss.item():.5f}  {format_stats(result.stats)}")
+                stats = {k: v.item() for k, v in loss_stats(criterion).items()}
+                print(f"step {step:>5}  loss {loss.item():.5f}  {format_stats(stats)}")
             if args.max_steps is not None and step >= args.max_steps:
                 break
-        print(f"epoch: {epoch:>02}, loss: {total_loss / num_batches:.5f}")
+        step_losses += torch.stack(epoch_losses).tolist()
+        avg_loss = sum(step_losses[-len(epoch_losses) :]) / len(epoch_losses)
+        print(f"epoch: {epoch:>02}, loss: {avg_loss:.5f}")
         if args.max_steps is not None and step >= args.max_steps:
             break
 
     if args.loss_state_dir is not None:
-        path = save_loss_state(args.loss_state_dir, 0, criterion, result.visited)
+        path = save_loss_state(args.loss_state_dir, 0, criterion, visited)
         print(f"Saved the loss state to {path}")
-    return result
+    return RunResult(
+        criterion,
+        losses=step_losses,
+        stats={k: v.item() for k, v in loss_stats(criterion).items()},
+        visited=visited,
+    )
 
 
 if __name__ == "__main__":

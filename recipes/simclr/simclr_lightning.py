@@ -82,9 +82,11 @@ class SimCLR(pl.LightningModule):
         # The swap: NTXentLoss() in Lightly's example.
         self.criterion = build_loss(loss, num_samples, gather_distributed, **(loss_options or {}))
         self.lr = lr
-        # Indices this process trained on, and each step's loss (kept on the host, not buffers).
+        # Indices this process trained on, and each step's loss (on the host, not buffers:
+        # DDP would overwrite buffers with rank 0's).
         self.visited = torch.zeros(num_samples, dtype=torch.bool)
-        self.step_losses: list[Tensor] = []
+        self.step_losses: list[float] = []
+        self._epoch_losses: list[Tensor] = []  # on the device until the epoch ends
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.backbone(x).flatten(start_dim=1)
@@ -109,8 +111,19 @@ class SimCLR(pl.LightningModule):
         for name, value in stats.items():
             self.log(f"train/{name}", value, prog_bar=name in PROGRESS_BAR_STATS)
         self.visited[index.cpu()] = True
-        self.step_losses.append(loss.detach())
+        self._epoch_losses.append(loss.detach())
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._move_losses_to_host()
+
+    def on_train_end(self) -> None:
+        self._move_losses_to_host()
+
+    def _move_losses_to_host(self) -> None:
+        if self._epoch_losses:
+            self.step_losses += torch.stack(self._epoch_losses).tolist()
+            self._epoch_losses.clear()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -202,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
 
     result = RunResult(
         model.criterion,
-        losses=[loss.item() for loss in model.step_losses],
+        losses=model.step_losses,
         stats={k: v.item() for k, v in loss_stats(model.criterion).items()},
         visited=model.visited,
     )
