@@ -31,7 +31,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def restore_num_threads():
-    # The scripts' --num-threads sets a process-wide value; give the rest of the session its own.
+    # The scripts' --num-threads sets a process-wide value; restore it for later tests.
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
