@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from lightly.models.utils import concat_all_gather
 from lightly.utils import dist
 from torch import Tensor, nn
 from torch import distributed as torch_dist
@@ -235,6 +234,17 @@ def _keep_last_occurrence(index: Tensor, packed: Tensor) -> tuple[Tensor, Tensor
         0, run_id, position, reduce="amax", include_self=False
     )
     return sorted_index, packed[order[last_in_run[run_id]]]
+
+
+def concat_all_gather(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0, without autograd (for indices and state rows).
+
+    The same as ``lightly.models.utils.concat_all_gather``; that module imports torchvision,
+    which costs seconds in every process that only needs the losses.
+    """
+    output = [torch.empty_like(x) for _ in range(dist.world_size())]
+    torch_dist.all_gather(output, x)
+    return torch.cat(output, dim=0)
 
 
 def require_distributed(gather_distributed: bool) -> None:

@@ -8,9 +8,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade uv >/dev/null 2>&1 || true
 if [ -x .venv/bin/uv ]; then
-  .venv/bin/uv pip install --python .venv/bin/python -q -c constraints.txt -e ".[dev]"
+  .venv/bin/uv pip install --python .venv/bin/python -q --compile-bytecode -c constraints.txt -e ".[dev]"
 else
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  .venv/bin/python -m pip install -q --compile -c constraints.txt -e ".[dev]"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
