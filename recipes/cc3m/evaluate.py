@@ -4,7 +4,9 @@ For each ``--checkpoint`` (an OpenCLIP checkpoint, ``<logs>/<name>/checkpoints/e
 
 - zero-shot ImageNet through OpenCLIP's own ``--imagenet-val`` option (``--imagenet-val DIR``:
   the ILSVRC2012 validation images, one folder per class), run as
-  ``python -m recipes.cc3m.run --upstream ... --pretrained CKPT --imagenet-val DIR``;
+  ``python -m recipes.cc3m.openclip_zero_shot --pretrained CKPT --imagenet-val DIR ...``
+  (``openclip_tau.train --loss clip``, i.e. upstream's ``open_clip_train``, which only evaluates
+  when given no training data);
 - MSCOCO (5k test) and Flickr30k (1k test) retrieval through the ``clip_benchmark`` package
   (``pip install clip-benchmark``; ``--clip-benchmark-root DIR`` holds its webdataset copies,
   ``DIR/wds_mscoco_captions`` and ``DIR/wds_flickr30k``, each with ``test/nshards.txt`` and
@@ -278,8 +280,7 @@ def imagenet_zero_shot(
     command = [
         sys.executable,
         "-m",
-        "recipes.cc3m.run",
-        "--upstream",
+        "recipes.cc3m.openclip_zero_shot",
         "--model",
         spec.model,
         "--pretrained",

@@ -154,14 +154,26 @@ def read_stats(shards: Iterable[Path]) -> Optional[dict[str, int]]:
     return total
 
 
+def count_samples(shards: list[Path]) -> int:
+    """Number of samples: from img2dataset's stats files, else by listing the tar members."""
+    stats = read_stats(shards)
+    if stats is not None:
+        return stats["successes"]
+    from openclip_tau.key_index import shard_keys
+
+    return sum(len(shard_keys(str(shard))) for shard in shards)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Prints the brace pattern of a shard folder (for ``--train-data``) and its counts."""
+    """Prints the brace pattern of a shard folder (for ``--train-data``), or its sample count."""
     parser = argparse.ArgumentParser(
         prog="python -m recipes.cc3m.shards",
-        description="Prints the OpenCLIP --train-data pattern of img2dataset shards on stdout, "
-        "and their sample counts (from the *_stats.json files) on stderr.",
+        description="Prints the OpenCLIP --train-data pattern of img2dataset shards on stdout "
+        "(with --count: their number of samples, for --train-num-samples), and the download's "
+        "counts from the *_stats.json files on stderr.",
     )
     parser.add_argument("shards", help="a shard folder, brace pattern or glob")
+    parser.add_argument("--count", action="store_true", help="print the number of samples")
     args = parser.parse_args(argv)
     try:
         shards = find_shards(args.shards)
@@ -178,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     else:
         print(f"{len(shards)} shards (no img2dataset stats files)", file=sys.stderr)
-    print(brace_pattern(shards))
+    print(count_samples(shards) if args.count else brace_pattern(shards))
     return 0
 
 
