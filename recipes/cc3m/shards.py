@@ -18,12 +18,14 @@ import glob
 import json
 import sys
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
-import pandas as pd
 from braceexpand import braceexpand
 
 PathLike = Union[str, Path]
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def compute_key(
@@ -109,6 +111,8 @@ def read_captions(shards: Iterable[Path]) -> pd.DataFrame:
     ``success``), which is far faster than reading the tar files; shards without one are read
     with webdataset (their ``txt`` members).
     """
+    import pandas as pd  # here, so that the command line (used by the shell scripts) starts fast
+
     frames = []
     for shard in shards:
         parquet = shard.with_suffix(".parquet")
