@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -51,7 +52,10 @@ class PerSampleState(nn.Module):
 
     def __init__(self, num_samples: int, initial_values: Mapping[str, float]) -> None:
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        num_samples = int(num_samples)
+        if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
         if not initial_values:
             raise ValueError("initial_values must name at least one table.")
