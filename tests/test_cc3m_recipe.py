@@ -322,6 +322,11 @@ def test_missing_evaluation_data_is_named(
     assert "wds_flickr30k/test/nshards.txt is missing" in err
     assert f"{tmp_path / 'local' / 'annotations.csv'} is missing" in err
     assert not (tmp_path / "eval").exists()  # nothing ran
+    # Shards without dataset_type.txt would be read as a classification set.
+    (tmp_path / "cb" / "wds_flickr30k" / "test").mkdir(parents=True)
+    (tmp_path / "cb" / "wds_flickr30k" / "test" / "nshards.txt").write_text("1\n")
+    problems = evaluate.check_clip_benchmark(tmp_path / "cb", ["flickr30k"])
+    assert any("wds_flickr30k/dataset_type.txt is missing" in p for p in problems)
     with pytest.raises(evaluate.EvaluationInputError, match="checkpoint not found"):
         evaluate.parse_checkpoint(str(tmp_path / "nope.pt"), None)
 
@@ -369,6 +374,10 @@ def test_model_configs_build_offline() -> None:
     text = config["text_cfg"]
     assert (text["layers"], text["width"], text["heads"]) == (6, 768, 12)  # DistilBERT's size
     assert config["vision_cfg"]["timm_model_name"] == "resnet50"
+    # The recipe's model builds offline (timm's ResNet-50 without downloaded weights).
+    model = open_clip.create_model("RN50-distilbert-size")
+    assert sum(p.numel() for p in model.visual.parameters()) == 23_508_032 + 2048 * 256 + 256
+    assert model.transformer.width == 768 and len(model.transformer.resblocks) == 6
     model = open_clip.create_model("cc3m-smoke-tiny")
     with torch.no_grad():
         image, text_features, _ = model(

@@ -154,6 +154,7 @@ def check_clip_benchmark(root: Path, datasets: Sequence[str]) -> list[str]:
         )
     for dataset in datasets:
         folder = clip_benchmark_folder(root, dataset)
+        kind = folder / "dataset_type.txt"
         if not (folder / "test" / "nshards.txt").is_file():
             problems.append(
                 f"{dataset} retrieval data not found: {folder / 'test' / 'nshards.txt'} is "
@@ -161,6 +162,9 @@ def check_clip_benchmark(root: Path, datasets: Sequence[str]) -> list[str]:
                 f"huggingface-cli download --repo-type dataset "
                 f"clip-benchmark/wds_{CLIP_BENCHMARK_DATASETS[dataset]} --local-dir {folder}"
             )
+        elif not kind.is_file() or kind.read_text().strip().lower() != "retrieval":
+            # Without it clip_benchmark reads the shards as a classification set.
+            problems.append(f"{kind} is missing or does not say 'retrieval'")
     return problems
 
 
