@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from recipes.cc3m import analyze, evaluate, make_smoke_data, shards, smoke, tsv
+from recipes.cc3m import analyze, evaluate, make_smoke_data, openclip_zero_shot, shards, smoke, tsv
 from recipes.cc3m.openclip_zero_shot import accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,16 @@ def test_smoke_shards_have_img2dataset_layout(smoke_run: dict) -> None:
     assert sorted(captions["key"]) == sorted(all_keys)
 
 
+def test_captions_are_read_from_tars_without_parquet(tmp_path: Path, smoke_run: dict) -> None:
+    source = shards.find_shards(smoke_run["data"]["shards"])[1]
+    (tmp_path / source.name).write_bytes(source.read_bytes())  # the tar alone
+    from_tar = shards.read_captions([tmp_path / source.name])
+    from_parquet = shards.read_captions([source])
+    assert from_tar.sort_values("key").to_dict("list") == from_parquet.sort_values("key").to_dict(
+        "list"
+    )
+
+
 def test_smoke_key_index_covers_every_sample(smoke_run: dict) -> None:
     from openclip_tau.key_index import load_key_index
 
@@ -94,6 +104,32 @@ def test_smoke_checkpoint_holds_the_learned_temperatures(smoke_run: dict) -> Non
         assert torch.isfinite(state[f"state.log_u_{role}"]).all()  # 2 epochs visit every pair
         assert ((tau >= 0.005) & (tau <= 1.0)).all()
         assert tau.std() > 1e-3 and not torch.allclose(tau, torch.full_like(tau, 0.05))
+
+
+def test_smoke_training_resumes_from_its_last_checkpoint(smoke_run: dict) -> None:
+    """Running train.sh's command again with more epochs continues the run (--resume latest)."""
+    from openclip_tau import train as train_cli
+
+    shard_dir, logs = Path(smoke_run["data"]["shards"]), smoke_run["output"] / "logs"
+    before = torch.load(smoke_run["checkpoints"]["isogclr"], weights_only=False)
+    args = smoke.train_command("isogclr", shard_dir, logs, ["--report-to", "", "--epochs", "3"])
+    train_cli.main(args)
+    run_dir = logs / "smoke-isogclr"
+    after = torch.load(run_dir / "checkpoints" / "epoch_3.pt", weights_only=False)
+    assert after["epoch"] == 3 and after["loss_name"] == "isogclr"
+    log = (run_dir / "out.log").read_text()
+    resumed = log[log.index("resuming checkpoint") :]  # the second run's part of the log
+    assert "epoch_2.pt' (epoch 2)" in resumed.splitlines()[0]
+    assert "restored the isogclr loss state" in resumed
+    assert (
+        "Start epoch 2" in resumed
+        and "Start epoch 0" not in resumed
+        and "Start epoch 1" not in resumed
+    )
+    # The third epoch moved the restored state on.
+    for role in ("image", "text"):
+        key = f"state.tau_{role}"
+        assert not torch.equal(before["loss_state_dict"][key], after["loss_state_dict"][key])
 
 
 def test_train_script_builds_the_published_settings(smoke_run: dict) -> None:
@@ -343,6 +379,8 @@ def test_analysis_of_a_stateless_checkpoint_is_refused(tmp_path: Path, smoke_run
 
 
 def test_every_script_has_help() -> None:
+    with _quiet():
+        openclip_zero_shot.main(["--help"])  # prints its usage and runs nothing
     for module in (make_smoke_data, evaluate, analyze, smoke, tsv, shards):
         with pytest.raises(SystemExit) as exit_info, _quiet():
             module.main(["--help"])

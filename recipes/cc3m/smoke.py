@@ -50,7 +50,8 @@ def train_command(loss: str, data: Path, logs: Path, extra: Sequence[str] = ()) 
     env = dict(os.environ, **SMOKE_ENV, DATA=str(data), LOGS=str(logs), DRY_RUN="1")
     env["PYTHON"] = sys.executable
     env["NAME"] = f"smoke-{loss}"
-    env.pop("TRAIN_NUM_SAMPLES", None)
+    for name in ("TRAIN_NUM_SAMPLES", "WD", "SEED", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # train.sh's defaults, whatever the calling shell holds
     script = REPO_ROOT / "recipes" / "cc3m" / "train.sh"
     done = subprocess.run(
         ["bash", str(script), loss, *SMOKE_LOSS_OPTIONS.get(loss, []), *extra],
