@@ -166,3 +166,26 @@ def loss_values(log_path: os.PathLike, name: str = "Contrastive_loss") -> list[f
 
 def first(items: Iterable, default: Optional[object] = None):
     return next(iter(items), default)
+
+
+def zero_shot_accuracy(
+    checkpoint_path: os.PathLike, model: str = TINY_MODEL, num_images: int = 500
+) -> float:
+    """Class accuracy of a checkpoint on held-out Fashion-MNIST test images, classifying each
+    image by its most similar prompt "a photo of a <class>." (chance: 0.1)."""
+    import torch
+
+    net, _, preprocess = open_clip.create_model_and_transforms(model)
+    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    weights = {k.removeprefix("module."): v for k, v in saved["state_dict"].items()}
+    weights.pop("logit_bias", None)  # SigLIP's; a ranking by similarity does not need it
+    net.load_state_dict(weights)
+    net.eval()
+    pixels, labels = fashion_mnist(num_images, split="test")
+    images = torch.stack([preprocess(Image.fromarray(p).convert("RGB")) for p in pixels])
+    prompts = open_clip.get_tokenizer(model)([f"a photo of a {c}." for c in CLASS_NAMES])
+    with torch.no_grad():
+        image_features = net.encode_image(images, normalize=True)
+        text_features = net.encode_text(prompts, normalize=True)
+    predicted = (image_features @ text_features.T).argmax(dim=1).numpy()
+    return float((predicted == labels).mean())
