@@ -2,8 +2,8 @@
 
 ``open_clip_train`` builds its training set in ``open_clip_train.data`` and its training loop
 unpacks every batch strictly as ``images, texts = batch``. The stateful losses also need the
-index of each pair, so the training set is built by upstream's own functions with three of its
-names swapped while it is built (:func:`indexed_train_data`):
+index of each pair, so the training set is built by upstream's own functions with a few of the
+names in ``open_clip_train.data`` swapped while it is built (:func:`indexed_train_data`):
 
 - webdataset: ``to_tuple("image", "text")`` also keeps ``__key__`` and ``__url__``, and the
   time-seeded sample shuffle becomes one seeded by (seed, epoch, rank, worker), so a resumed run

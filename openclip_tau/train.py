@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tau-num-samples",
         type=int,
         default=None,
+        metavar="N",
         help="(sogclr, isogclr) per-sample table size. webdataset with integer keys: larger "
         "than every key (img2dataset keys are shard*10^4+position). Default: the number of "
         "keys in --tau-key-index, of csv rows, or --train-num-samples for synthetic data.",
@@ -126,16 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tau-key-index",
         default=None,
+        metavar="PATH",
         help="(sogclr, isogclr; webdataset) key-to-index map built once with "
         "python -m openclip_tau.key_index --shards <pattern> --output <file>.",
     )
     for dest, (kwarg, kind, text) in LOSS_OPTIONS.items():
         users = [n for n, cls in LOSS_CLASSES.items() if kwarg in _class_defaults(cls)]
-        defaults = ", ".join(f"{n} {_class_defaults(LOSS_CLASSES[n])[kwarg]}" for n in users)
+        defaults = ", ".join(
+            f"{n} {_shown(_class_defaults(LOSS_CLASSES[n])[kwarg])}" for n in users
+        )
         parser.add_argument(
             _flag(dest),
             type=kind,
             default=None,
+            metavar="N" if kind is int else "X",
             help=f"({', '.join(users)}) {text}. Default: {defaults}.",
         )
     parser.add_argument(
@@ -147,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         "before training (repeatable), e.g. for a custom --model under torchrun.",
     )
     return parser
+
+
+def _shown(default: Any) -> str:
+    return "off" if default is None else str(default)
 
 
 def _class_defaults(cls: type) -> dict[str, Any]:
