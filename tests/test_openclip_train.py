@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,12 @@ def test_clip_on_csv_is_upstream_open_clip_train(workdir: Path) -> None:
         assert torch.equal(ours["state_dict"][key], value), key
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_torchrun_on_cpu(workdir: Path) -> None:
     name = "torchrun-isogclr"
     shutil.rmtree(workdir / "logs" / name, ignore_errors=True)
@@ -363,7 +370,7 @@ def test_two_process_torchrun_on_cpu(workdir: Path) -> None:
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(29500 + os.getpid() % 1000),
+        str(free_port()),
         "-m",
         "--",  # our flags such as --logs are prefixes of torchrun's
         "openclip_tau.train",
