@@ -12,9 +12,8 @@ import gzip
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import open_clip
@@ -150,11 +149,6 @@ def write_csv(directory: os.PathLike, num_samples: int, offset: int = 0) -> Path
     return path
 
 
-def tar_member_names(path: os.PathLike) -> list[str]:
-    with tarfile.open(path) as tar:
-        return tar.getnames()
-
-
 def loss_values(log_path: os.PathLike, name: str = "Contrastive_loss") -> list[float]:
     """The per-step ``<name>: value (average)`` values that ``open_clip_train`` logged."""
     values = []
@@ -162,10 +156,6 @@ def loss_values(log_path: os.PathLike, name: str = "Contrastive_loss") -> list[f
         if "Train Epoch" in line and f"{name}: " in line:
             values.append(float(line.split(f"{name}: ")[1].split()[0]))
     return values
-
-
-def first(items: Iterable, default: Optional[object] = None):
-    return next(iter(items), default)
 
 
 def zero_shot_accuracy(
