@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -209,10 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
         "gathers negatives and loss state across them",
     )
     hardware.add_argument(
+        "--parallel-runs",
+        type=_positive_int,
+        default=None,
+        help="CPU only: runs trained side by side in separate processes "
+        "(default: 2 where there are 2 cores or more, else 1)",
+    )
+    hardware.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
-        help="CPU threads for torch (default: one per core)",
+        help="torch CPU threads per run (default: cores / parallel runs)",
     )
 
     losses = parser.add_argument_group("losses")
@@ -350,6 +359,133 @@ def raw_pixel_baseline(data: LongTailData, settings: TrainSettings) -> dict:
     return {"knn": result["knn"], "probe": result["probe"]}
 
 
+def resolve_parallelism(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, jobs: int
+) -> tuple[int, int]:
+    """Runs side by side and torch threads per run.
+
+    On a CPU, one thread per run with two runs side by side was the fastest way to use two
+    cores, and the most robust when other processes share them: with two threads per run, an
+    epoch took five times longer while another process was busy.
+    """
+    cores = os.cpu_count() or 1
+    if device == "cuda" or args.devices > 1:
+        if args.parallel_runs and args.parallel_runs > 1:
+            parser.error("--parallel-runs > 1 is for CPU runs; GPU and DDP runs go one at a time.")
+        return 1, args.threads or cores
+    parallel = args.parallel_runs or min(2, cores)
+    parallel = max(1, min(parallel, jobs))
+    threads = args.threads or max(1, cores // parallel)
+    return parallel, threads
+
+
+@dataclass
+class Job:
+    """One run to do: a loss, a seed, its progress label and checkpoint path."""
+
+    loss: str
+    seed: int
+    label: str
+    checkpoint: Optional[str]
+
+
+@dataclass
+class RunContext:
+    """What every run shares: the data and the settings."""
+
+    data: LongTailData
+    settings: TrainSettings
+    loss_settings: LossSettings
+    augment: AugmentSettings
+    threads: int
+
+
+def _run_job(job: Job, context: RunContext, position: int = 0) -> Optional[RunResult]:
+    settings = replace(context.settings, progress_position=position)
+    return train_and_evaluate(
+        job.loss,
+        job.seed,
+        context.data,
+        settings,
+        context.loss_settings,
+        context.augment,
+        job.checkpoint,
+        job.label,
+    )
+
+
+def _print_run(job: Job, result: RunResult) -> None:
+    row = run_row(result)
+    rho = row["spearman_final"]
+    print(
+        f"{job.label}: kNN {100 * row['knn_all']:.1f}% (tail {100 * row['knn_tail']:.1f}%), "
+        f"probe {100 * row['probe_all']:.1f}% (tail {100 * row['probe_tail']:.1f}%), "
+        f"tau {row['tau_mean']:.3f}"
+        + ("" if math.isnan(rho) else f", Spearman {rho:+.2f}")
+        + f"; {result.train_seconds:.0f} s training, {result.eval_seconds:.0f} s evaluation",
+        flush=True,
+    )
+
+
+def run_sequential(jobs: list[Job], context: RunContext) -> list[RunResult]:
+    """Runs one after another in this process (GPU, DDP, or a single core)."""
+    results = []
+    for job in jobs:
+        result = _run_job(job, context)
+        if result is None:  # another DDP rank: the main process writes the report
+            continue
+        _print_run(job, result)
+        results.append(result)
+    return results
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(context: RunContext, positions: Any) -> None:
+    torch.set_num_threads(context.threads)
+    _WORKER["context"] = context
+    _WORKER["position"] = positions.get()
+
+
+def _worker_job(job: Job) -> Optional[RunResult]:
+    return _run_job(job, _WORKER["context"], _WORKER["position"])
+
+
+def run_parallel(jobs: list[Job], context: RunContext, parallel: int) -> list[RunResult]:
+    """Runs ``parallel`` jobs at a time in worker processes; results in the order of ``jobs``.
+
+    Every run seeds itself, so its result does not depend on which process runs it.
+    """
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    mp_context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Workers fork from one process that has imported torch and Lightning once.
+        mp_context.set_forkserver_preload(["recipes.longtail.train"])
+    positions = mp_context.Queue()
+    for position in range(parallel):
+        positions.put(position)
+    results: dict[int, RunResult] = {}
+    with ProcessPoolExecutor(
+        max_workers=parallel,
+        mp_context=mp_context,
+        initializer=_init_worker,
+        initargs=(context, positions),
+    ) as pool:
+        futures = {pool.submit(_worker_job, job): k for k, job in enumerate(jobs)}
+        try:
+            for future in as_completed(futures):
+                k = futures[future]
+                result = future.result()
+                if result is not None:
+                    _print_run(jobs[k], result)
+                    results[k] = result
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return [results[k] for k in sorted(results)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the comparison; returns the exit status (argument errors exit with status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -378,8 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(
             f"--devices {args.devices}: only {torch.cuda.device_count()} GPUs are visible."
         )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parallel, threads = resolve_parallelism(parser, args, device, len(losses) * len(args.seeds))
+    torch.set_num_threads(threads if parallel == 1 else (args.threads or os.cpu_count() or 1))
     loss_settings = LossSettings(
         temperature=args.temperature,
         cosine_tau_min=args.cosine_tau_min,
@@ -463,7 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "device": torch.cuda.get_device_name(0)
             if device == "cuda"
             else f"CPU ({os.cpu_count()} cores)",
-            "threads": torch.get_num_threads(),
+            "threads": threads,
+            "parallel_runs": parallel,
             "torch": torch.__version__,
             "lightly": _version("lightly"),
         },
@@ -474,36 +611,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{dataset}-LT: {len(data.train)} training images in {data.num_classes} classes "
             f"({max(data.class_counts)} to {min(data.class_counts)}), {len(data.test)} test images; "
             f"{len(losses)} losses x {len(args.seeds)} seeds x {args.epochs} epochs on {device} "
-            f"({settings.precision}, {torch.get_num_threads()} threads). Report: {args.output}",
+            f"({settings.precision}; {parallel} run(s) at a time, {threads} thread(s) each). "
+            f"Report: {args.output}",
             flush=True,
         )
 
-    baseline = raw_pixel_baseline(data, settings) if main_process else None
-    results: list[RunResult] = []
     checkpoints = args.output / "checkpoints"
     if not args.no_checkpoints and main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
-    total = len(losses) * len(args.seeds)
-    for seed in args.seeds:
-        for loss in losses:
-            label = f"[{len(results) + 1}/{total}] {loss} seed {seed}"
-            path = None if args.no_checkpoints else str(checkpoints / f"{loss}_seed{seed}.pt")
-            result = train_and_evaluate(
-                loss, seed, data, settings, loss_settings, augment, path, label
-            )
-            if result is None:  # another DDP rank: the main process writes the report
-                continue
-            results.append(result)
-            row = run_row(result)
-            rho = row["spearman_final"]
-            print(
-                f"{label}: kNN {100 * row['knn_all']:.1f}% (tail {100 * row['knn_tail']:.1f}%), "
-                f"probe {100 * row['probe_all']:.1f}% (tail {100 * row['probe_tail']:.1f}%), "
-                f"tau {row['tau_mean']:.3f}"
-                + ("" if math.isnan(rho) else f", Spearman {rho:+.2f}")
-                + f"; {result.train_seconds:.0f} s training, {result.eval_seconds:.0f} s evaluation",
-                flush=True,
-            )
+    jobs = [
+        Job(
+            loss=loss,
+            seed=seed,
+            label=f"[{k + 1}/{len(losses) * len(args.seeds)}] {loss} seed {seed}",
+            checkpoint=None if args.no_checkpoints else str(checkpoints / f"{loss}_seed{seed}.pt"),
+        )
+        for k, (seed, loss) in enumerate((s, name) for s in args.seeds for name in losses)
+    ]
+    context = RunContext(data, settings, loss_settings, augment, threads)
+    if parallel > 1:
+        results = run_parallel(jobs, context, parallel)
+    else:
+        results = run_sequential(jobs, context)
+    baseline = raw_pixel_baseline(data, settings) if main_process else None
     if not main_process:
         return 0
     timing = {

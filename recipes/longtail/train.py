@@ -106,6 +106,8 @@ class TrainSettings:
     knn_t: float = 0.1
     probe_epochs: int = 100
     progress: bool = True
+    # Line of the progress bar, so that runs side by side do not overwrite each other.
+    progress_position: int = 0
 
 
 class TemperatureLoss(nn.Module):
@@ -203,8 +205,8 @@ class TemperatureLoss(nn.Module):
 class RunProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, labelled with the run (loss and seed) and its epoch."""
 
-    def __init__(self, label: str, refresh_rate: int = 5) -> None:
-        super().__init__(refresh_rate=refresh_rate)
+    def __init__(self, label: str, refresh_rate: int = 5, position: int = 0) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=position)
         self.label = label
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -337,6 +339,8 @@ class RunResult:
     seed: int
     train_seconds: float
     eval_seconds: float
+    train_cpu_seconds: float
+    eval_cpu_seconds: float
     history: list[dict]
     evaluation: dict
     temperatures: Optional[dict] = None
@@ -425,20 +429,24 @@ def train_and_evaluate(
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=settings.progress,
-        callbacks=[RunProgressBar(label or f"{loss_name} seed {seed}")]
+        callbacks=[
+            RunProgressBar(label or f"{loss_name} seed {seed}", position=settings.progress_position)
+        ]
         if settings.progress
         else [],
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     loader = train_loader(data, settings, augment_settings, seed)
-    start = time.perf_counter()
+    # Wall time depends on what else runs on the machine; CPU time (all threads) less so.
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, train_dataloaders=loader)
     train_seconds = time.perf_counter() - start
+    train_cpu_seconds = time.process_time() - cpu_start
     if not trainer.is_global_zero:
         return None
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     device = module.device
     autocast_dtype = torch.bfloat16 if settings.precision == "bf16" else None
     features = {
@@ -458,6 +466,7 @@ def train_and_evaluate(
     tau = loss.sample_temperatures()
     temperatures = temperature_by_class(tau, data.train.targets, data) if tau is not None else None
     eval_seconds = time.perf_counter() - start
+    eval_cpu_seconds = time.process_time() - cpu_start
     if checkpoint_path:
         torch.save(
             {
@@ -476,6 +485,8 @@ def train_and_evaluate(
         seed=seed,
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
+        train_cpu_seconds=train_cpu_seconds,
+        eval_cpu_seconds=eval_cpu_seconds,
         history=module.history,
         evaluation=evaluation,
         temperatures=temperatures,

@@ -1,0 +1,305 @@
+"""The long-tailed comparison (``python -m recipes.longtail``): the whole job on a tiny budget,
+its bad-option errors, and the pieces it is built from (long-tail profile, Spearman, views)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # recipes/ is run from the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from lightly_tau import IndexedDataset  # noqa: E402
+from recipes.longtail import run as longtail_run  # noqa: E402
+from recipes.longtail.augment import AugmentSettings, BatchSimCLRAugment  # noqa: E402
+from recipes.longtail.data import (  # noqa: E402
+    frequency_groups,
+    load_long_tail_data,
+    long_tail_counts,
+    long_tail_indices,
+)
+from recipes.longtail.evaluate import (  # noqa: E402
+    extract_features,
+    knn_predictions,
+    per_class_accuracy,
+    spearman,
+)
+from recipes.longtail.models import SimCLRModel  # noqa: E402
+
+LOSSES = ["ntxent", "isogclr", "dystress"]
+SEEDS = [0, 1]
+TINY = [
+    "--dataset", "fashion-mnist", "--max-per-class", "48", "--imbalance", "6",
+    "--test-per-class", "12", "--probe-per-class", "10", "--epochs", "2", "--batch-size", "32",
+    "--probe-epochs", "5", "--knn-k", "5", "--parallel-runs", "1", "--threads", "1",
+    "--no-progress", "--isogclr-eta", "0.5",
+]  # fmt: skip
+PLOTS = [
+    "accuracy_by_group.png",
+    "training_curves.png",
+    "temperature_by_class.png",
+    "temperature_histogram.png",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def job(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs the whole job once in this process: 3 losses x 2 seeds, 2 epochs, tiny data."""
+    output = tmp_path_factory.mktemp("report")
+    argv = TINY + ["--data-root", str(data_root), "--output", str(output)]
+    argv += ["--losses", *LOSSES, "--seeds", *map(str, SEEDS)]
+    threads = torch.get_num_threads()
+    try:
+        status = longtail_run.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    with open(output / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(output / "summary.csv") as handle:
+        summary = list(csv.DictReader(handle))
+    document = json.loads((output / "results.json").read_text())
+    return {"status": status, "output": output, "argv": argv, "rows": rows,
+            "summary": summary, "json": document}  # fmt: skip
+
+
+def _float(value: str) -> float:
+    return float(value) if value not in ("", "nan") else math.nan
+
+
+def test_job_writes_every_file(job: dict) -> None:
+    output = job["output"]
+    assert job["status"] == 0
+    for name in ["report.md", "results.csv", "summary.csv", "results.json"] + PLOTS:
+        path = output / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in PLOTS:
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for loss in LOSSES:
+        for seed in SEEDS:
+            assert (output / "checkpoints" / f"{loss}_seed{seed}.pt").is_file()
+    report = (output / "report.md").read_text()
+    for name in PLOTS:
+        assert f"]({name})" in report
+    assert "What this run can and cannot show" in report
+    assert "Seeds: 0 1" in report
+
+
+def test_one_row_per_run_and_per_loss(job: dict) -> None:
+    rows, summary = job["rows"], job["summary"]
+    assert [(r["loss"], int(r["seed"])) for r in rows] == [
+        (loss, s) for s in SEEDS for loss in LOSSES
+    ]
+    assert [r["loss"] for r in summary] == LOSSES
+    assert all(int(r["seeds"]) == len(SEEDS) for r in summary)
+    assert all(int(r["epochs"]) == 2 for r in rows)
+
+
+def test_accuracies_are_fractions_from_the_run(job: dict) -> None:
+    rows, document = job["rows"], job["json"]
+    for row, run in zip(rows, document["runs"]):
+        assert (row["loss"], int(row["seed"])) == (run["loss"], run["seed"])
+        for kind in ("knn", "probe"):
+            for group in ("all", "head", "middle", "tail"):
+                value = _float(row[f"{kind}_{group}"])
+                assert 0.0 <= value <= 1.0
+                assert value == pytest.approx(run["evaluation"][kind][group], abs=1e-12)
+            # Overall accuracy is the mean of the per-class accuracies on the balanced test set.
+            per_class = run["evaluation"][f"{kind}_per_class"]
+            assert _float(row[f"{kind}_all"]) == pytest.approx(np.mean(per_class), abs=1e-12)
+    # The summary is the mean over seeds of the per-run rows.
+    for entry in job["summary"]:
+        mine = [_float(r["knn_all"]) for r in rows if r["loss"] == entry["loss"]]
+        assert _float(entry["knn_all_mean"]) == pytest.approx(np.mean(mine), abs=1e-12)
+        assert _float(entry["knn_all_std"]) == pytest.approx(np.std(mine, ddof=1), abs=1e-12)
+
+
+def test_numbers_differ_between_losses_and_seeds(job: dict) -> None:
+    rows = job["rows"]
+    final_losses = {(r["loss"], int(r["seed"])): _float(r["final_loss"]) for r in rows}
+    assert len(set(final_losses.values())) == len(final_losses)
+    runs = job["json"]["runs"]
+    for loss in LOSSES:
+        first, second = [r for r in runs if r["loss"] == loss]
+        assert first["history"][0]["loss_mean"] != second["history"][0]["loss_mean"]
+
+
+def test_temperatures_stay_within_their_bounds(job: dict) -> None:
+    for row in job["rows"]:
+        low, high = _float(row["tau_bound_low"]), _float(row["tau_bound_high"])
+        assert low - 1e-6 <= _float(row["tau_min"]) <= _float(row["tau_mean"]) + 1e-6
+        assert _float(row["tau_mean"]) <= _float(row["tau_max"]) + 1e-6 <= high + 2e-6
+        if row["loss"] == "ntxent":
+            assert (low, high) == (0.1, 0.1)
+        if row["loss"] == "dystress":
+            assert (low, high) == (0.07, 0.2)
+    for run in job["json"]["runs"]:
+        assert len(run["history"]) == 2
+        if run["loss"] != "isogclr":
+            assert run["temperatures"] is None
+            continue
+        assert run["temperature_bounds"] == [0.05, 1.0]
+        temperatures = run["temperatures"]
+        assert 0.05 - 1e-6 <= temperatures["min"] < temperatures["max"] <= 1.0 + 1e-6
+        for entry in temperatures["per_class"]:
+            assert 0.05 - 1e-6 <= entry["p10"] <= entry["mean"] <= entry["p90"] <= 1.0 + 1e-6
+        # The correlation is tracked after every epoch, not only at the end.
+        for record in run["history"]:
+            assert -1.0 <= record["spearman"] <= 1.0
+            assert len(record["tau_class_mean"]) == 10
+        assert run["history"][-1]["spearman"] == pytest.approx(temperatures["spearman"])
+
+
+def test_report_numbers_match_the_saved_models(job: dict, data_root: Path) -> None:
+    """Reload a checkpoint, recompute kNN accuracy and temperatures: the table must agree."""
+    document, output = job["json"], job["output"]
+    data = load_long_tail_data(
+        "fashion-mnist", data_root, imbalance=6, max_per_class=48, test_per_class=12,
+        probe_per_class=10,
+    )  # fmt: skip
+    assert len(data.train) == document["data"]["train_size"]
+    train_config = document["config"]["train"]
+    for loss in ("ntxent", "isogclr"):
+        run = next(r for r in document["runs"] if r["loss"] == loss and r["seed"] == 1)
+        checkpoint = torch.load(output / "checkpoints" / f"{loss}_seed1.pt", weights_only=False)
+        assert torch.equal(checkpoint["train_source_index"], data.train_source_index)
+        model = SimCLRModel(train_config["backbone"], 1, 28, 512, 128)
+        model.load_state_dict(checkpoint["model"])
+        dtype = torch.bfloat16 if train_config["precision"] == "bf16" else None
+        features = [
+            extract_features(model, split, data.mean, data.std, torch.device("cpu"), 512, dtype)
+            for split in (data.train, data.test)
+        ]
+        predictions = knn_predictions(features[0], data.train.targets, features[1], 10, k=5)
+        accuracy = per_class_accuracy(predictions, data.test.targets, 10)
+        assert accuracy.tolist() == pytest.approx(run["evaluation"]["knn_per_class"], abs=1e-9)
+        if loss == "isogclr":
+            tau = checkpoint["loss"]["state.tau"]
+            assert float(tau.mean()) == pytest.approx(run["temperatures"]["mean"], rel=1e-6)
+            assert float(tau.min()) == pytest.approx(run["temperatures"]["min"], rel=1e-6)
+            for entry in run["temperatures"]["per_class"]:
+                mean = float(tau[data.train.targets == entry["class"]].mean())
+                assert mean == pytest.approx(entry["mean"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- bad options
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> list:
+    calls: list = []
+    monkeypatch.setattr(longtail_run, "train_and_evaluate", lambda *a, **k: calls.append(a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--imbalance", "0.5"], "--imbalance must be >= 1"),
+        (["--losses", "ntxent", "infonce"], "invalid choice: 'infonce'"),
+        (["--isogclr-tau-min", "2.0"], "tau_min (2) must not exceed tau_max (1)"),
+        (["--dataset", "folder"], "--dataset folder needs exactly one PATH"),
+        (["--dataset", "folder", "/no/such/folder"], "is not a directory"),
+        (["--max-per-class", "48", "--imbalance", "100"], "rarest class would keep no image"),
+        (["--max-per-class", "20", "--imbalance", "2", "--batch-size", "256"], "is larger than"),
+    ],
+)
+def test_bad_options_exit_before_training(
+    extra: list, message: str, data_root: Path, tmp_path: Path, no_training: list, capsys
+) -> None:
+    argv = ["--data-root", str(data_root), "--output", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        longtail_run.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert no_training == []
+
+
+def test_unwritable_output_and_missing_dataset(tmp_path: Path, no_training: list, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        longtail_run.main(["--output", str(blocker / "report")])
+    assert exit_info.value.code == 2
+    assert f"--output {blocker / 'report'} cannot be written" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--dataset", "mnist", "--data-root", str(empty), "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        longtail_run.main(argv)
+    assert exit_info.value.code == 2
+    assert "mnist not found under" in capsys.readouterr().err
+    assert no_training == []
+
+
+# --------------------------------------------------------------------------- building blocks
+def test_long_tail_profile_matches_cifar_lt() -> None:
+    # CIFAR-10-LT and CIFAR-100-LT at imbalance 100 have 12,406 and 10,847 training images.
+    counts = long_tail_counts(5000, 10, 100)
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(long_tail_counts(500, 100, 100)) == 10847
+    assert long_tail_counts(7, 3, 1) == [7, 7, 7]
+    with pytest.raises(ValueError, match="imbalance must be >= 1"):
+        long_tail_counts(100, 10, 0.9)
+    assert frequency_groups(list(range(10))) == ["head"] * 4 + ["middle"] * 3 + ["tail"] * 3
+
+
+def test_permuted_class_order_follows_the_seed() -> None:
+    targets = torch.arange(10).repeat_interleave(100)
+    index, counts, ranks = long_tail_indices(targets, 10, 10, "natural", seed=0)
+    assert counts == long_tail_counts(100, 10, 10) and ranks == list(range(10))
+    assert torch.bincount(targets[index], minlength=10).tolist() == counts
+    _, counts_a, ranks_a = long_tail_indices(targets, 10, 10, "permuted", seed=3)
+    _, counts_b, ranks_b = long_tail_indices(targets, 10, 10, "permuted", seed=3)
+    _, _, ranks_c = long_tail_indices(targets, 10, 10, "permuted", seed=4)
+    assert ranks_a == ranks_b and ranks_a != ranks_c and sorted(ranks_a) == list(range(10))
+    assert [counts_a[c] for c in sorted(range(10), key=lambda c: ranks_a[c])] == counts
+
+
+def test_spearman_against_hand_computed_ranks() -> None:
+    rho, p_value = spearman(range(10), range(10))
+    assert rho == pytest.approx(1.0) and p_value < 0.001
+    assert spearman(range(10), range(10, 0, -1))[0] == pytest.approx(-1.0)
+    # y has a tie: ranks [1, 2, 3.5, 5, 3.5]; Pearson correlation of the ranks.
+    x_ranks, y_ranks = np.arange(1, 6.0), np.array([1, 2, 3.5, 5, 3.5])
+    expected = np.corrcoef(x_ranks, y_ranks)[0, 1]
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])[0] == pytest.approx(expected)
+    assert math.isnan(spearman([1, 2, 3], [4, 4, 4])[0])
+
+
+def test_batched_views_are_random_per_image_and_normalised() -> None:
+    torch.manual_seed(0)
+    settings = AugmentSettings.for_dataset("cifar10", 32, 3)
+    augment = BatchSimCLRAugment(settings, [0.5] * 3, [0.25] * 3)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    first, second = augment(images), augment(images)
+    assert first.shape == (16, 3, 32, 32) and first.dtype == torch.float32
+    assert torch.isfinite(first).all()
+    assert not torch.allclose(first, second)
+    # Values are normalised pixels: within [(0 - 0.5) / 0.25, (1 - 0.5) / 0.25].
+    assert first.min() >= -2.0 - 1e-5 and first.max() <= 2.0 + 1e-5
+    # A folder dataset adds Gaussian blur; grey images get no colour jitter.
+    blur = BatchSimCLRAugment(AugmentSettings.for_dataset("folder", 24, 3), [0.5] * 3, [0.25] * 3)
+    assert blur(images[:, :, :24, :24]).shape == (16, 3, 24, 24)
+    grey = AugmentSettings.for_dataset("mnist", 28, 1)
+    assert (grey.cj_sat, grey.cj_hue, grey.hf_prob, grey.min_scale) == (0.0, 0.0, 0.0, 0.2)
+
+
+def test_indexed_subset_keeps_the_index_in_batches() -> None:
+    # DataLoader fetches through Subset.__getitems__; IndexedDataset must not forward it.
+    base = TensorDataset(torch.arange(10.0), torch.arange(10))
+    loader = DataLoader(IndexedDataset(Subset(base, [5, 6, 7, 8])), batch_size=4)
+    values, targets, index = next(iter(loader))
+    assert index.tolist() == [0, 1, 2, 3] and targets.tolist() == [5, 6, 7, 8]
