@@ -38,11 +38,32 @@ from recipes.longtail.models import SimCLRModel  # noqa: E402
 LOSSES = ["ntxent", "isogclr", "dystress"]
 SEEDS = [0, 1]
 TINY = [
-    "--dataset", "fashion-mnist", "--max-per-class", "48", "--imbalance", "6",
-    "--test-per-class", "12", "--probe-per-class", "10", "--epochs", "2", "--batch-size", "32",
-    "--probe-epochs", "5", "--knn-k", "5", "--parallel-runs", "1", "--threads", "1",
-    "--no-progress", "--isogclr-eta", "0.5",
-]  # fmt: skip
+    "--dataset",
+    "fashion-mnist",
+    "--max-per-class",
+    "48",
+    "--imbalance",
+    "6",
+    "--test-per-class",
+    "12",
+    "--probe-per-class",
+    "10",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--probe-epochs",
+    "5",
+    "--knn-k",
+    "5",
+    "--parallel-runs",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--isogclr-eta",
+    "0.5",
+]
 PLOTS = [
     "accuracy_by_group.png",
     "training_curves.png",
@@ -72,8 +93,14 @@ def job(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     with open(output / "summary.csv") as handle:
         summary = list(csv.DictReader(handle))
     document = json.loads((output / "results.json").read_text())
-    return {"status": status, "output": output, "argv": argv, "rows": rows,
-            "summary": summary, "json": document}  # fmt: skip
+    return {
+        "status": status,
+        "output": output,
+        "argv": argv,
+        "rows": rows,
+        "summary": summary,
+        "json": document,
+    }
 
 
 def _float(value: str) -> float:
@@ -167,9 +194,13 @@ def test_report_numbers_match_the_saved_models(job: dict, data_root: Path) -> No
     """Reload a checkpoint, recompute kNN accuracy and temperatures: the table must agree."""
     document, output = job["json"], job["output"]
     data = load_long_tail_data(
-        "fashion-mnist", data_root, imbalance=6, max_per_class=48, test_per_class=12,
+        "fashion-mnist",
+        data_root,
+        imbalance=6,
+        max_per_class=48,
+        test_per_class=12,
         probe_per_class=10,
-    )  # fmt: skip
+    )
     assert len(data.train) == document["data"]["train_size"]
     train_config = document["config"]["train"]
     for loss in ("ntxent", "isogclr"):
