@@ -69,6 +69,15 @@ def _float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except empty ones (None, False) whose meaning the help text gives."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.longtail",
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             "temperatures to class frequency, and write a report (Markdown, CSV, JSON, PNG). "
             "The defaults take about ten minutes on two CPU cores."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         allow_abbrev=False,
     )
     data = parser.add_argument_group("data")
@@ -87,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         nargs="+",
         default=["fashion-mnist"],
-        metavar="NAME",
+        metavar=("NAME", "PATH"),
         help=f"one of {', '.join(DATASETS)}; 'folder PATH' reads PATH/train and "
         "PATH/val (or PATH/test) with torchvision's ImageFolder",
     )
@@ -154,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", nargs="+", type=_non_negative_int, default=[0], help="one run per loss and seed"
     )
     runs.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS)
-    runs.add_argument("--batch-size", type=_positive_int, default=256)
+    runs.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        help="images per step and process (with --devices N the global batch is N times this)",
+    )
     runs.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report folder")
     runs.add_argument(
         "--no-checkpoints", action="store_true", help="do not save model and loss state per run"
@@ -496,12 +510,12 @@ def run_parallel(
     return [results[k] for k in sorted(results)], waited
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> int:
     """Runs the comparison; returns the exit status (argument errors exit with status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    started = time.time()
+    started = started or time.time()
 
     dataset, folder = _dataset_choice(parser, args.dataset)
     if args.imbalance < 1:
@@ -615,7 +629,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "lightly": _version("lightly"),
         },
     }
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    # Under DDP, Lightning re-runs this script once per extra process with these variables set.
+    main_process = all(
+        int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK")
+    )
     if main_process:
         print(
             f"{dataset}-LT: {len(data.train)} training images in {data.num_classes} classes "

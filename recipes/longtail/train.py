@@ -44,7 +44,7 @@ from recipes.longtail.models import SimCLRModel
 LOSSES = ("ntxent", "ntxent-cosine", "sogclr", "isogclr", "dystress")
 LOSS_LABELS = {
     "ntxent": "NT-Xent",
-    "ntxent-cosine": "NT-Xent, cosine tau schedule",
+    "ntxent-cosine": "NT-Xent + cosine tau",
     "sogclr": "SogCLR",
     "isogclr": "iSogCLR",
     "dystress": "DySTreSS",
