@@ -287,6 +287,28 @@ def test_long_tail_profile_matches_cifar_lt() -> None:
     assert frequency_groups(list(range(10))) == ["head"] * 4 + ["middle"] * 3 + ["tail"] * 3
 
 
+def test_image_folder_is_read_resized_and_subsampled(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 20), ("val", 4)):
+        for name in ("ant", "bee", "cat"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+    data = load_long_tail_data(
+        "folder", tmp_path, folder=tmp_path, imbalance=4, image_size=16, probe_per_class=5
+    )
+    assert data.classes == ["ant", "bee", "cat"]
+    assert data.class_counts == [20, 10, 5] and data.class_group == ["head", "middle", "tail"]
+    assert data.train.images.shape == (35, 3, 16, 16) and data.train.images.dtype == torch.uint8
+    assert torch.bincount(data.train.targets).tolist() == [20, 10, 5]
+    assert torch.bincount(data.test.targets).tolist() == [4, 4, 4]
+    assert torch.bincount(data.probe.targets).tolist() == [5, 5, 5]
+
+
 def test_permuted_class_order_follows_the_seed() -> None:
     targets = torch.arange(10).repeat_interleave(100)
     index, counts, ranks = long_tail_indices(targets, 10, 10, "natural", seed=0)

@@ -409,6 +409,9 @@ def findings(
         iso_rows = [r for r in rows if r["loss"] == "isogclr"]
         parts = []
         for r in iso_rows:
+            if math.isnan(r["spearman_final"]):
+                parts.append(f"seed {r['seed']}: undefined (every class has the same frequency)")
+                continue
             sig = "significant" if r["p_value_final"] < SIGNIFICANCE else "not significant"
             parts.append(
                 f"seed {r['seed']}: {r['spearman_final']:+.2f} (permutation p {r['p_value_final']:.3f}, "
@@ -695,6 +698,9 @@ def write_report(
     plot_accuracy(paths["accuracy_plot"], summary, baseline, colors)
     plot_training_curves(paths["curves_plot"], results, losses, colors)
     iso = [r for r in results if r.loss == "isogclr" and r.temperatures]
+    # Plots of an earlier run in the same folder must not pass for this run's.
+    for name in (PLOTS["tau_class"], PLOTS["tau_hist"]):
+        (output / name).unlink(missing_ok=True)
     if iso:
         paths["temperature_class_plot"] = output / PLOTS["tau_class"]
         paths["temperature_histogram_plot"] = output / PLOTS["tau_hist"]
