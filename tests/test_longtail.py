@@ -34,6 +34,7 @@ from recipes.longtail.evaluate import (  # noqa: E402
     spearman,
 )
 from recipes.longtail.models import SimCLRModel  # noqa: E402
+from recipes.longtail.train import LossSettings, TemperatureLoss  # noqa: E402
 
 LOSSES = ["ntxent", "isogclr", "dystress"]
 SEEDS = [0, 1]
@@ -319,6 +320,21 @@ def test_permuted_class_order_follows_the_seed() -> None:
     _, _, ranks_c = long_tail_indices(targets, 10, 10, "permuted", seed=4)
     assert ranks_a == ranks_b and ranks_a != ranks_c and sorted(ranks_a) == list(range(10))
     assert [counts_a[c] for c in sorted(range(10), key=lambda c: ranks_a[c])] == counts
+
+
+def test_cosine_schedule_is_kukleva_et_al() -> None:
+    # tau(e) = tau_lo + (tau_hi - tau_lo) / 2 * (1 + cos(2 pi e / T)), T the period in epochs.
+    settings = LossSettings(cosine_tau_min=0.1, cosine_tau_max=1.0, cosine_period_epochs=3.0)
+    loss = TemperatureLoss("ntxent-cosine", settings, num_samples=10)
+    steps_per_epoch, max_steps = 40, 600
+    for step in (0, 7, 60, 119, 120, 333, 599):
+        epoch = step / steps_per_epoch
+        expected = 0.1 + 0.45 * (1 + math.cos(2 * math.pi * epoch / 3.0))
+        loss.before_step(step, steps_per_epoch, max_steps)
+        assert loss.loss.temperature == pytest.approx(expected)
+    z0, z1 = torch.randn(6, 8), torch.randn(6, 8)
+    loss(z0, z1, torch.arange(6))
+    assert float(loss.tau_batch) == pytest.approx(loss.loss.temperature)
 
 
 def test_spearman_against_hand_computed_ranks() -> None:

@@ -306,7 +306,9 @@ def plot_temperature_histogram(path: Path, result: RunResult, data: LongTailData
     """iSogCLR: distribution of the per-sample temperatures, by class group."""
     fig, ax = plt.subplots(figsize=(7, 4))
     tau = result.sample_temperatures or []
-    low, high = result.temperature_bounds
+    # Bins over the range the temperatures occupy (within their bounds), not the whole range.
+    low, high = (min(tau), max(tau)) if tau else result.temperature_bounds
+    high = high if high > low else low + 1e-3
     bins = [low + (high - low) * k / 60 for k in range(61)]
     targets = data.train.targets.tolist()
     for group, color in zip(GROUP_NAMES, ("tab:blue", "tab:orange", "tab:red")):
@@ -316,7 +318,8 @@ def plot_temperature_histogram(path: Path, result: RunResult, data: LongTailData
                 values,
                 bins=bins,
                 density=True,
-                alpha=0.5,
+                histtype="step",
+                linewidth=1.5,
                 color=color,
                 label=f"{group} classes ({len(values)} samples)",
             )
@@ -370,14 +373,14 @@ def findings(
                     "larger than" if gap > 2 * spread else "within about twice"
                 )  # a crude screen, not a test
                 notes.append(
-                    f"{name} accuracy over all classes: the losses span {100 * gap:.1f} points "
+                    f"{name[0].upper() + name[1:]} accuracy over all classes: the losses span {100 * gap:.1f} points "
                     f"({worst[1]} {100 * worst[0]:.1f}% to {best[1]} {100 * best[0]:.1f}%); the "
                     f"seed-to-seed standard deviation averages {100 * spread:.1f} points, so the "
                     f"gap is {verdict} the seed noise over {len(seeds)} seeds."
                 )
             else:
                 notes.append(
-                    f"{name} accuracy over all classes: the losses span {100 * gap:.1f} points "
+                    f"{name[0].upper() + name[1:]} accuracy over all classes: the losses span {100 * gap:.1f} points "
                     f"({worst[1]} {100 * worst[0]:.1f}% to {best[1]} {100 * best[0]:.1f}%) with "
                     "one seed, so the seed-to-seed spread is unknown and no ranking of the losses "
                     "follows from this run; use `--seeds 0 1 2`."

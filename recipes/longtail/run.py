@@ -373,6 +373,13 @@ def raw_pixel_baseline(data: LongTailData, settings: TrainSettings) -> dict:
     return {"knn": result["knn"], "probe": result["probe"]}
 
 
+def available_cores() -> int:
+    """Cores this process may use (its CPU affinity where the platform reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def resolve_parallelism(
     parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, jobs: int
 ) -> tuple[int, int]:
@@ -381,10 +388,10 @@ def resolve_parallelism(
     On a CPU, every loss of a seed trains side by side in its own process (at least one per
     core), with ``cores // runs`` threads each (at least one). Measured on two shared cores:
     one thread per run was both the fastest and the most robust choice (with two threads per
-    run an epoch took five times longer while another process was busy), and five runs side by
-    side finished in 2.5 run-lengths where two at a time need three.
+    run an epoch took five times longer while another process was busy); five runs side by side
+    keep both cores busy to the end, where two at a time leave one idle during the fifth run.
     """
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if device == "cuda" or args.devices > 1:
         if args.parallel_runs and args.parallel_runs > 1:
             parser.error("--parallel-runs > 1 is for CPU runs; GPU and DDP runs go one at a time.")
@@ -622,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         "environment": {
             "device": torch.cuda.get_device_name(0)
             if device == "cuda"
-            else f"CPU ({os.cpu_count()} cores)",
+            else f"CPU ({available_cores()} cores)",
             "threads": threads,
             "parallel_runs": parallel,
             "torch": torch.__version__,

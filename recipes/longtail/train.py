@@ -50,7 +50,6 @@ LOSS_LABELS = {
     "dystress": "DySTreSS",
 }
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
-PRECISIONS = ("32", "bf16")
 
 
 @dataclass
@@ -239,6 +238,8 @@ class SimCLRRun(pl.LightningModule):
         self._range: Optional[tuple[Tensor, Tensor]] = None
         self._steps = 0
         self._epoch_start = 0.0
+        self._max_steps = 1
+        self._steps_per_epoch = 1
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
@@ -272,10 +273,12 @@ class SimCLRRun(pl.LightningModule):
         self._steps = 0
         self._epoch_start = time.perf_counter()
 
+    def on_train_start(self) -> None:
+        self._max_steps = int(self.trainer.estimated_stepping_batches)
+        self._steps_per_epoch = max(1, self._max_steps // max(1, self.trainer.max_epochs))
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        steps = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, steps // max(1, self.trainer.max_epochs))
-        self.criterion.before_step(self.global_step, per_epoch, steps)
+        self.criterion.before_step(self.global_step, self._steps_per_epoch, self._max_steps)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Batched augmentation on the training device, outside the mixed-precision context.
