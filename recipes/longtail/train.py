@@ -86,7 +86,7 @@ class LossSettings:
 class TrainSettings:
     """Model, optimisation and hardware settings shared by every run."""
 
-    epochs: int = 15
+    epochs: int = 12
     batch_size: int = 256
     backbone: str = "convnet"
     hidden_dim: int = 512
