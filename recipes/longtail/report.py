@@ -361,7 +361,7 @@ def findings(
     """Plain statements of what this run's numbers can and cannot support."""
     notes = []
     seeds = sorted({r["seed"] for r in rows})
-    for kind, name in (("knn", "kNN"), ("probe", "linear-probe")):
+    for kind, title in (("knn", "kNN"), ("probe", "Linear-probe")):
         means = [(r[f"{kind}_all_mean"], r["label"]) for r in summary]
         if len(means) > 1:
             best, worst = max(means), min(means)
@@ -369,18 +369,17 @@ def findings(
             stds = [r[f"{kind}_all_std"] for r in summary if not math.isnan(r[f"{kind}_all_std"])]
             if stds:
                 spread = statistics.fmean(stds)
-                verdict = (
-                    "larger than" if gap > 2 * spread else "within about twice"
-                )  # a crude screen, not a test
+                verdict = "more than" if gap > 2 * spread else "at most"
                 notes.append(
-                    f"{name[0].upper() + name[1:]} accuracy over all classes: the losses span {100 * gap:.1f} points "
+                    f"{title} accuracy over all classes: the losses span {100 * gap:.1f} points "
                     f"({worst[1]} {100 * worst[0]:.1f}% to {best[1]} {100 * best[0]:.1f}%); the "
-                    f"seed-to-seed standard deviation averages {100 * spread:.1f} points, so the "
-                    f"gap is {verdict} the seed noise over {len(seeds)} seeds."
+                    f"seed-to-seed standard deviation over {len(seeds)} seeds averages "
+                    f"{100 * spread:.1f} points, and the span is {verdict} twice that (a rough "
+                    "screen, not a significance test)."
                 )
             else:
                 notes.append(
-                    f"{name[0].upper() + name[1:]} accuracy over all classes: the losses span {100 * gap:.1f} points "
+                    f"{title} accuracy over all classes: the losses span {100 * gap:.1f} points "
                     f"({worst[1]} {100 * worst[0]:.1f}% to {best[1]} {100 * best[0]:.1f}%) with "
                     "one seed, so the seed-to-seed spread is unknown and no ranking of the losses "
                     "follows from this run; use `--seeds 0 1 2`."
