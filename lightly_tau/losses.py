@@ -95,6 +95,10 @@ class TemperatureSettings:
         self.beta = check_number("beta", beta, 0.0, 1.0, low_open=True)
         self.tau_grad_clip = check_number("tau_grad_clip", tau_grad_clip, 0.0, low_open=True)
 
+    def initial_values(self) -> dict[str, float]:
+        """Per-sample tables of an iSogCLR anchor role and their initial values."""
+        return {"log_u": -math.inf, "tau": self.tau_init, "momentum": 0.0}
+
     def step(self, tau: Tensor, momentum: Tensor, grad_tau: Tensor) -> tuple[Tensor, Tensor]:
         """The new ``(tau, momentum)`` of a batch of samples (see :func:`temperature_step`)."""
         return temperature_step(
@@ -354,7 +358,7 @@ class ISogCLRLoss(_GlobalContrastiveLoss):
             gamma,
             gamma_decay_epochs,
             gather_distributed,
-            {"log_u": -math.inf, "tau": self.settings.tau_init, "momentum": 0.0},
+            self.settings.initial_values(),
         )
 
     @property

@@ -276,7 +276,7 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
             gamma_decay_epochs,
             rank,
             world_size,
-            {"log_u": -math.inf, "tau": self.settings.tau_init, "momentum": 0.0},
+            self.settings.initial_values(),
         )
 
     @property
