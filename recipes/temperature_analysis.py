@@ -12,7 +12,10 @@ each piece both use:
 - :func:`histogram_bins`: histogram edges over the range the temperatures occupy, log-spaced
   when they span a decade or more;
 - :func:`extremes`: the k highest and the k lowest rows of a frame by a column;
-- :func:`plot_distribution_by_group`: histograms of temperatures, one per group, on one axes.
+- :func:`plot_distribution_by_group`: histograms of temperatures, one per group, on one axes;
+- :func:`knn_density`: a label-free local density of every sample (the mean cosine similarity of
+  its k nearest neighbours), the "how many similar samples does it have" of iSogCLR's mechanism;
+- :func:`plot_temperature_vs_density`: per-sample temperature against that density.
 
 NumPy, pandas and matplotlib (Agg backend) only: no torch, so the analysis runs wherever the
 saved temperatures can be read.
@@ -137,6 +140,41 @@ def extremes(frame: pd.DataFrame, column: str, k: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+# ----------------------------------------------------------------------------- local density
+def knn_density(
+    features: Sequence[Sequence[float]] | np.ndarray, k: int = 20, chunk: int = 1024
+) -> np.ndarray:
+    """Mean cosine similarity of each sample to its ``k`` nearest other samples.
+
+    ``density_i = (1/k) * sum of the k largest cos(x_i, x_j) over j != i``, with the rows of
+    ``features`` (n, d) L2-normalised here. A sample with many similar samples (frequent
+    semantics, in iSogCLR's words) has a high density; an isolated one a low density. No labels
+    are used. Computed in row chunks of ``chunk`` (memory ``chunk * n`` floats), float32 products.
+
+    Example: three points on a line, ``[[1, 0], [1, 0], [0, 1]]`` with ``k=1``: the first two
+    are each other's nearest neighbour (density 1), the third's nearest has cosine 0.
+
+    Raises:
+        ValueError: If ``features`` is not 2-D or ``k`` is not in ``[1, n - 1]``.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (samples, dimensions), got shape {x.shape}")
+    n = x.shape[0]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} samples, got {k}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.maximum(norms, 1e-12)
+    density = np.empty(n, dtype=np.float64)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        sims = x[start:stop] @ x.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
+        top = np.partition(sims, n - k, axis=1)[:, n - k :]
+        density[start:stop] = top.astype(np.float64).mean(axis=1)
+    return density
+
+
 # ----------------------------------------------------------------------------- plots
 def histogram_bins(
     values: Sequence[float] | np.ndarray, count: int = 40, log: Optional[bool] = None
@@ -219,3 +257,39 @@ def plot_distribution_by_group(
     if is_log_spaced(bins):
         ax.set_xscale("log")
     return bins
+
+
+def plot_temperature_vs_density(
+    ax: Any,
+    density: Sequence[float] | np.ndarray,
+    tau: Sequence[float] | np.ndarray,
+    groups: Optional[Sequence[Any]] = None,
+    max_points: int = 20000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Scatter of per-sample temperature against local density on ``ax``, with the Spearman
+    correlation over samples (1,000 permutations) in the title; returns ``(rho, p)``.
+
+    ``groups`` (one label per sample, e.g. class names) colours the points by group with a
+    legend when there are at most 12 groups. At most ``max_points`` points (a seeded random
+    subset) are drawn; the correlation uses every sample. The caller sets the x label.
+    """
+    density, tau = np.asarray(density, dtype=np.float64), np.asarray(tau, dtype=np.float64)
+    rho, p_value = spearman(density, tau, permutations=1000, seed=seed)
+    shown = np.arange(len(tau))
+    if len(shown) > max_points:
+        shown = np.sort(np.random.default_rng(seed).choice(len(tau), max_points, replace=False))
+    if groups is not None:
+        labels = np.asarray(groups)[shown]
+        names = list(dict.fromkeys(labels.tolist()))
+        for name in names:
+            mine = shown[labels == name]
+            ax.scatter(density[mine], tau[mine], s=3, alpha=0.4, label=str(name))
+        if len(names) <= 12:
+            ax.legend(fontsize=6, markerscale=3, ncol=2)
+    else:
+        ax.scatter(density[shown], tau[shown], s=3, alpha=0.4)
+    ax.set_ylabel("temperature")
+    ax.set_title(f"Spearman over samples {rho:+.2f} (p {p_value:.3f})", fontsize=9)
+    ax.grid(alpha=0.3)
+    return rho, p_value

@@ -18,8 +18,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from recipes.longtail.claim import (  # noqa: E402
+    ClaimRun,
+    claim_rows,
+    claim_section,
+    claim_verdict,
+    class_table,
+    density_analysis,
+    density_verdict,
+    plot_claim_curves,
+    plot_density,
+    write_per_sample_csv,
+)
 from recipes.longtail.data import GROUP_NAMES, LongTailData  # noqa: E402
-from recipes.longtail.train import LOSS_LABELS, RunResult  # noqa: E402
+from recipes.longtail.train import (  # noqa: E402
+    LOSS_LABELS,
+    LOSS_REGISTRY,
+    LossSettings,
+    RunResult,
+)
 from recipes.temperature_analysis import (  # noqa: E402
     extremes,
     plot_distribution_by_group,
@@ -34,6 +51,8 @@ PLOTS = {
     "tau_class": "temperature_by_class.png",
     "tau_hist": "temperature_histogram.png",
     "tau_extremes": "temperature_extremes.png",
+    "claim": "claim_spearman.png",
+    "density": "temperature_vs_density.png",
 }
 # Training images shown and listed at each end of the learned temperatures.
 EXTREMES_K = 8
@@ -595,12 +614,16 @@ def markdown(
     timing: dict,
     tau_extremes: Optional[pd.DataFrame] = None,
     tau_quantiles: Optional[list[dict[str, Any]]] = None,
+    claim_lines: Sequence[str] = (),
+    claim_findings: Sequence[str] = (),
 ) -> str:
     """The report page.
 
     ``tau_extremes`` (:func:`temperature_extremes` of the first iSogCLR run) and
     ``tau_quantiles`` (:func:`temperature_quantiles_by_group`) add their tables to the
-    temperature section when given.
+    temperature section when given; ``claim_lines`` (:func:`claim_section`) is the section on
+    the temperature-frequency claim over seeds and class orders, and ``claim_findings`` its
+    verdicts, listed first among the findings.
     """
     t, ls = config["train"], config["loss"]
     losses = [r["label"] for r in summary]
@@ -619,6 +642,7 @@ def markdown(
         "## What this run can and cannot show",
         "",
     ]
+    lines += [f"- **{note}**" for note in claim_findings]
     lines += [f"- {note}" for note in findings(summary, rows, baseline)]
     lines += [
         f"- Budget: {t['epochs']} epochs of batch {t['batch_size']} on {len(data.train)} images. "
@@ -637,12 +661,15 @@ def markdown(
         "",
         "Top-1 accuracy on the balanced test set (mean ± standard deviation over seeds where "
         "there are several), and temperatures after the last epoch. `tau` is the mean temperature "
-        "applied to negatives' logits; for iSogCLR the mean over all samples, with the class "
+        "applied to negatives' logits over the last epoch (the effective one where the loss "
+        "changes it: the cosine schedule's, MACL's model-aware one, DySTreSS's negative pairs'); "
+        "for iSogCLR the mean of its learned per-sample temperatures, with the class "
         "correlation.",
         "",
     ]
     header = [
         "loss",
+        "temperature",
         "kNN all",
         "kNN head",
         "kNN mid",
@@ -658,13 +685,13 @@ def markdown(
     table = []
     for r in summary:
         table.append(
-            [r["label"]]
+            [r["label"], LOSS_REGISTRY[r["loss"]].temperature_kind]
             + [_pm(r, f"{k}_{g}") for k in ACCURACY_KINDS for g in GROUPS]
             + [_pm(r, "tau_mean"), _pm(r, "spearman_final", 2), _pm(r, "p_value_final")]
         )
     if baseline:
         table.append(
-            ["raw pixels (reference)"]
+            ["raw pixels (reference)", "–"]
             + [_fmt(baseline[k][g]) for k in ACCURACY_KINDS for g in GROUPS]
             + ["–", "–", "–"]
         )
@@ -747,6 +774,7 @@ def markdown(
             "iSogCLR was not among the losses run, so there are no per-sample temperatures.",
             "",
         ]
+    lines += list(claim_lines)
     lines += ["## Training curves", "", f"![training curves]({plots['curves']})", ""]
 
     lines += ["## Data", ""]
@@ -792,22 +820,13 @@ def markdown(
             else "float32",
         ],
         ["augmentation", f"{t['augment']}: {config['augment']}"],
-        ["NT-Xent", f"Lightly NTXentLoss, temperature {ls['temperature']:g}"],
-        [
-            "NT-Xent, cosine schedule",
-            f"temperature from {ls['cosine_tau_max']:g} down to "
-            f"{ls['cosine_tau_min']:g} and back every {ls['cosine_period_epochs']:g} epochs "
-            "(Kukleva et al.: 400 epochs in a 2000-epoch run; here the same five cycles per run "
-            "unless --cosine-period is given), per step with lightly.utils.scheduler.cosine_schedule",
-        ],
-        ["SogCLR", f"temperature {ls['temperature']:g}, gamma {ls['sogclr_gamma']:g}"],
-        [
-            "iSogCLR",
-            f"rho {ls['isogclr_rho']:g}, eta {ls['isogclr_eta']:g}, beta "
-            f"{ls['isogclr_beta']:g}, gamma {ls['isogclr_gamma']:g}, tau_init "
-            f"{ls['isogclr_tau_init']:g}, range [{ls['isogclr_tau_min']:g}, {ls['isogclr_tau_max']:g}]",
-        ],
-        ["DySTreSS", f"tau_min {ls['dystress_tau_min']:g}, tau_max {ls['dystress_tau_max']:g}"],
+    ]
+    loss_settings = LossSettings(**ls)
+    settings_rows += [
+        [LOSS_LABELS[name], LOSS_REGISTRY[name].describe(loss_settings)]
+        for name in config["losses"]
+    ]
+    settings_rows += [
         [
             "kNN",
             f"k {t['knn_k']}, weights exp(similarity / {t['knn_t']:g}), L2-normalised backbone features",
@@ -838,8 +857,14 @@ def write_report(
     results: list[RunResult],
     baseline: Optional[dict],
     timing: dict,
+    claim_runs: Sequence[ClaimRun] = (),
 ) -> dict[str, Path]:
-    """Writes every report file into ``output`` and returns their paths by kind."""
+    """Writes every report file into ``output`` and returns their paths by kind.
+
+    ``results`` are the comparison's runs (on ``data``); ``claim_runs`` the iSogCLR runs of the
+    temperature-frequency claim over seeds and class orders (:mod:`recipes.longtail.claim`),
+    which add ``claim.csv``, ``per_sample.csv``, two plots and a report section.
+    """
     output.mkdir(parents=True, exist_ok=True)
     losses = [loss for loss in config["losses"] if any(r.loss == loss for r in results)]
     rows = [run_row(r) for r in results]
@@ -859,8 +884,39 @@ def write_report(
     plot_training_curves(paths["curves_plot"], results, losses, colors)
     iso = [r for r in results if r.loss == "isogclr" and r.temperatures]
     # Plots of an earlier run in the same folder must not pass for this run's.
-    for name in (PLOTS["tau_class"], PLOTS["tau_hist"], PLOTS["tau_extremes"]):
+    for name in (
+        PLOTS["tau_class"],
+        PLOTS["tau_hist"],
+        PLOTS["tau_extremes"],
+        PLOTS["claim"],
+        PLOTS["density"],
+        "claim.csv",
+        "per_sample.csv",
+    ):
         (output / name).unlink(missing_ok=True)
+    claim_document: dict[str, Any] = {}
+    claim_lines: list[str] = []
+    claim_findings: list[str] = []
+    if claim_runs:
+        verdict = claim_verdict(claim_runs)
+        analyses = [density_analysis(r) for r in claim_runs if r.tau is not None]
+        table_rows = claim_rows(claim_runs, analyses)
+        paths["claim_csv"] = output / "claim.csv"
+        write_csv(paths["claim_csv"], table_rows)
+        paths["claim_plot"] = output / PLOTS["claim"]
+        plot_claim_curves(paths["claim_plot"], claim_runs)
+        if analyses:
+            paths["per_sample_csv"] = output / "per_sample.csv"
+            write_per_sample_csv(paths["per_sample_csv"], claim_runs)
+            paths["density_plot"] = output / PLOTS["density"]
+            # One run per class order in the plot (the first seed of each).
+            shown: dict = {}
+            for run in claim_runs:
+                shown.setdefault((run.class_order, run.data_seed), run)
+            plot_density(paths["density_plot"], list(shown.values()))
+        claim_lines = claim_section(claim_runs, verdict, analyses, PLOTS, class_table(claim_runs))
+        claim_findings = [verdict["text"]] + ([density_verdict(analyses)] if analyses else [])
+        claim_document = {"verdict": verdict, "runs": table_rows, "density": analyses}
     tau_extremes: Optional[pd.DataFrame] = None
     tau_quantiles: list[dict[str, Any]] = []
     if iso:
@@ -883,7 +939,12 @@ def write_report(
         "data": data.summary(),
         "baseline_raw_pixels": baseline,
         "runs": [
-            {k: v for k, v in r.to_dict().items() if k != "sample_temperatures"} for r in results
+            {
+                k: v
+                for k, v in r.to_dict().items()
+                if k not in ("sample_temperatures", "sample_density")
+            }
+            for r in results
         ],
         "rows": rows,
         "summary": summary,
@@ -891,12 +952,24 @@ def write_report(
         "temperature_extremes": (
             tau_extremes.to_dict(orient="records") if tau_extremes is not None else []
         ),
+        "claim": claim_document,
         "timing": timing,
     }
     with open(paths["results_json"], "w") as handle:
         json.dump(_json_ready(document), handle, indent=1)
     page = markdown(
-        config, data, rows, summary, baseline, results, PLOTS, timing, tau_extremes, tau_quantiles
+        config,
+        data,
+        rows,
+        summary,
+        baseline,
+        results,
+        PLOTS,
+        timing,
+        tau_extremes,
+        tau_quantiles,
+        claim_lines,
+        claim_findings,
     )
     paths["report"].write_text(page)
     return paths

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from recipes.longtail.augment import AUGMENTATIONS, AugmentSettings
+from recipes.longtail.claim import claim_run_from_result, claim_verdict
 from recipes.longtail.data import (
     CLASS_ORDERS,
     DATASETS,
@@ -34,7 +35,9 @@ from recipes.longtail.models import BACKBONES
 from recipes.longtail.presets import PRESETS, smoke_defaults
 from recipes.longtail.report import run_row, summary_rows, summary_table, write_report
 from recipes.longtail.train import (
+    DEFAULT_LOSSES,
     LOSS_LABELS,
+    LOSS_REGISTRY,
     LOSSES,
     OPTIMIZERS,
     LossSettings,
@@ -43,8 +46,9 @@ from recipes.longtail.train import (
     TrainSettings,
     train_and_evaluate,
 )
+from recipes.temperature_analysis import knn_density
 
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 9
 DEFAULT_OUTPUT = Path("runs") / "longtail"
 PUBLISHED_ISOGCLR_ETA = 0.03
 
@@ -83,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.longtail",
         description=(
-            "Train the same SimCLR model on a long-tailed image dataset once per loss (NT-Xent, "
-            "NT-Xent with a cosine temperature schedule, SogCLR, iSogCLR, DySTreSS), evaluate "
-            "each with kNN and a linear probe on the balanced test set, relate iSogCLR's learned "
-            "temperatures to class frequency, and write a report (Markdown, CSV, JSON, PNG). "
-            "The defaults take about eight minutes on two idle CPU cores."
+            "Train the same SimCLR model on a long-tailed image dataset once per loss (default: "
+            "NT-Xent, NT-Xent with a cosine temperature schedule, Lightly's MACL, SogCLR, "
+            "iSogCLR, DySTreSS; --losses all adds DCL), evaluate each with kNN and a linear "
+            "probe on the balanced test set, test iSogCLR's temperature-frequency claim over "
+            "several seeds and both class orders (and per sample against local density), and "
+            "write a report (Markdown, CSV, JSON, PNG). The defaults take about ten minutes on "
+            "two idle CPU cores."
         ),
         formatter_class=_HelpFormatter,
         allow_abbrev=False,
@@ -174,12 +180,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = parser.add_argument_group("runs")
     runs.add_argument(
-        "--losses", nargs="+", choices=LOSSES, default=list(LOSSES), help="losses to compare"
+        "--losses",
+        nargs="+",
+        choices=list(LOSSES) + ["all"],
+        default=list(DEFAULT_LOSSES),
+        help="losses to compare ('all': every one of " + ", ".join(LOSSES) + ")",
     )
     runs.add_argument(
         "--seeds", nargs="+", type=_non_negative_int, default=[0], help="one run per loss and seed"
     )
     runs.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS)
+    runs.add_argument(
+        "--claim-seeds",
+        nargs="*",
+        type=_non_negative_int,
+        default=[0, 1],
+        help="iSogCLR's temperature-frequency claim: iSogCLR also runs with these seeds under "
+        "each of --claim-orders (runs the comparison already has are reused); give no value "
+        "to skip. Only when isogclr is among --losses",
+    )
+    runs.add_argument(
+        "--claim-orders",
+        nargs="+",
+        choices=CLASS_ORDERS,
+        default=list(CLASS_ORDERS),
+        help="class orders of the claim runs (with --data-seed)",
+    )
     runs.add_argument(
         "--steps-per-epoch",
         type=_positive_int,
@@ -263,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     losses = parser.add_argument_group("losses")
     losses.add_argument(
-        "--temperature", type=_float, default=0.1, help="NT-Xent and SogCLR temperature"
+        "--temperature", type=_float, default=0.1, help="NT-Xent, DCL and SogCLR temperature"
     )
     losses.add_argument("--cosine-tau-min", type=_float, default=0.1)
     losses.add_argument("--cosine-tau-max", type=_float, default=1.0)
@@ -290,11 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--isogclr-tau-max", type=_float, default=1.0)
     losses.add_argument("--dystress-tau-min", type=_float, default=0.07)
     losses.add_argument("--dystress-tau-max", type=_float, default=0.2)
+    losses.add_argument(
+        "--macl-temperature", type=_float, default=0.1, help="MACL's base temperature tau_0"
+    )
+    losses.add_argument("--macl-alpha", type=_float, default=0.5, help="in [0, 1]")
+    losses.add_argument(
+        "--macl-a0", type=_float, default=0.0, help="MACL's alignment threshold A_0, in [0, 1]"
+    )
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--knn-k", type=_positive_int, default=20)
     evaluation.add_argument("--knn-t", type=_float, default=0.1)
     evaluation.add_argument("--probe-epochs", type=_positive_int, default=100)
+    evaluation.add_argument(
+        "--density-k",
+        type=_positive_int,
+        default=20,
+        help="neighbours of the local density (per-sample temperature analysis)",
+    )
     return parser
 
 
@@ -360,14 +399,7 @@ def check_losses(
         try:
             TemperatureLoss(loss, settings, num_samples=2)
         except ValueError as err:
-            flag = {
-                "ntxent": "--temperature",
-                "ntxent-cosine": "--cosine-tau-*",
-                "sogclr": "--temperature/--sogclr-*",
-                "isogclr": "--isogclr-*",
-                "dystress": "--dystress-*",
-            }[loss]
-            parser.error(f"{flag} ({LOSS_LABELS[loss]}): {err}")
+            parser.error(f"{LOSS_REGISTRY[loss].flags} ({LOSS_LABELS[loss]}): {err}")
 
 
 def eta_note(eta: float, epochs: int) -> str:
@@ -426,21 +458,28 @@ def resolve_parallelism(
     return parallel, threads
 
 
+DataKey = tuple  # (class order, data seed) or any hashable key of RunContext.datas
+
+
 @dataclass
 class Job:
-    """One run to do: a loss, a seed, its progress label and checkpoint path."""
+    """One run to do: a loss, a seed, its progress label and checkpoint path, which of the
+    context's datasets it trains on, and optionally its own batch size."""
 
     loss: str
     seed: int
     label: str
     checkpoint: Optional[str]
+    data_key: DataKey = ("natural", 0)
+    batch_size: Optional[int] = None
+    comparison: bool = True
 
 
 @dataclass
 class RunContext:
-    """What every run shares: the data and the settings."""
+    """What every run shares: the datasets (by key) and the settings."""
 
-    data: LongTailData
+    datas: dict
     settings: TrainSettings
     loss_settings: LossSettings
     augment: AugmentSettings
@@ -448,11 +487,15 @@ class RunContext:
 
 
 def _run_job(job: Job, context: RunContext, position: int = 0) -> Optional[RunResult]:
-    settings = replace(context.settings, progress_position=position)
+    settings = replace(
+        context.settings,
+        progress_position=position,
+        batch_size=job.batch_size or context.settings.batch_size,
+    )
     return train_and_evaluate(
         job.loss,
         job.seed,
-        context.data,
+        context.datas[job.data_key],
         settings,
         context.loss_settings,
         context.augment,
@@ -584,13 +627,25 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         parser.error(f"--image-size applies to 'folder' datasets only; {dataset} keeps its size.")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}.")
-    losses = list(dict.fromkeys(args.losses))
+    losses = list(LOSSES) if "all" in args.losses else list(dict.fromkeys(args.losses))
+    claim_seeds = list(dict.fromkeys(args.claim_seeds)) if "isogclr" in losses else []
+    claim_orders = list(dict.fromkeys(args.claim_orders)) if claim_seeds else []
     device = resolve_device(parser, args.device)
     if args.devices > 1 and device == "cuda" and args.devices > torch.cuda.device_count():
         parser.error(
             f"--devices {args.devices}: only {torch.cuda.device_count()} GPUs are visible."
         )
-    parallel, threads = resolve_parallelism(parser, args, device, len(losses) * len(args.seeds))
+    main_key = (args.class_order, args.data_seed)
+    claim_keys = [(order, args.data_seed) for order in claim_orders]
+    claim_jobs = [
+        (key, seed)
+        for key in claim_keys
+        for seed in claim_seeds
+        if not (key == main_key and seed in args.seeds)
+    ]
+    parallel, threads = resolve_parallelism(
+        parser, args, device, len(losses) * len(args.seeds) + len(claim_jobs)
+    )
     torch.set_num_threads(threads)
     loss_settings = LossSettings(
         temperature=args.temperature,
@@ -607,6 +662,9 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         isogclr_tau_max=args.isogclr_tau_max,
         dystress_tau_min=args.dystress_tau_min,
         dystress_tau_max=args.dystress_tau_max,
+        macl_temperature=args.macl_temperature,
+        macl_alpha=args.macl_alpha,
+        macl_a0=args.macl_a0,
     )
     check_losses(parser, losses, loss_settings)
     if args.lr <= 0:
@@ -615,25 +673,28 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         parser.error(f"--knn-t must be > 0, got {args.knn_t:g}.")
     check_output(parser, args.output)
 
-    try:
-        data = load_long_tail_data(
-            dataset,
-            args.data_root,
-            folder=folder,
-            imbalance=args.imbalance,
-            class_order=args.class_order,
-            data_seed=args.data_seed,
-            max_per_class=args.max_per_class,
-            test_per_class=args.test_per_class,
-            probe_per_class=args.probe_per_class,
-            image_size=args.image_size,
-            download=args.download,
-            workers=args.workers,
-            standin=args.smoke and dataset in ("cifar10", "cifar100"),
-        )
-    except (DatasetUnavailable, ValueError) as err:
-        parser.error(f"--dataset {' '.join(args.dataset)}: {err}")
-    per_process = len(data.train) // args.devices
+    datas: dict = {}
+    for class_order, data_seed in [main_key] + [k for k in claim_keys if k != main_key]:
+        try:
+            datas[(class_order, data_seed)] = load_long_tail_data(
+                dataset,
+                args.data_root,
+                folder=folder,
+                imbalance=args.imbalance,
+                class_order=class_order,
+                data_seed=data_seed,
+                max_per_class=args.max_per_class,
+                test_per_class=args.test_per_class,
+                probe_per_class=args.probe_per_class,
+                image_size=args.image_size,
+                download=args.download,
+                workers=args.workers,
+                standin=args.smoke and dataset in ("cifar10", "cifar100"),
+            )
+        except (DatasetUnavailable, ValueError) as err:
+            parser.error(f"--dataset {' '.join(args.dataset)}: {err}")
+    data = datas[main_key]
+    per_process = min(len(d.train) for d in datas.values()) // args.devices
     if args.batch_size > per_process:
         parser.error(
             f"--batch-size {args.batch_size} is larger than the {per_process} long-tailed training "
@@ -661,6 +722,7 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         probe_epochs=args.probe_epochs,
         steps_per_epoch=args.steps_per_epoch,
         progress=not args.no_progress,
+        density_k=args.density_k,
     )
     augment = AugmentSettings.for_dataset(dataset, data.image_size, data.channels)
     config = {
@@ -670,6 +732,8 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         "smoke": args.smoke,
         "losses": losses,
         "seeds": list(args.seeds),
+        "claim_seeds": claim_seeds,
+        "claim_orders": claim_orders,
         "train": asdict(settings),
         "loss": asdict(loss_settings),
         "augment": ", ".join(f"{k} {v:g}" for k, v in asdict(augment).items()),
@@ -693,7 +757,9 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         print(
             f"{dataset}-LT: {len(data.train)} training images in {data.num_classes} classes "
             f"({max(data.class_counts)} to {min(data.class_counts)}), {len(data.test)} test images; "
-            f"{len(losses)} losses x {len(args.seeds)} seeds x {args.epochs} epochs on {device} "
+            f"{len(losses)} losses x {len(args.seeds)} seeds"
+            + (f" + {len(claim_jobs)} iSogCLR claim runs" if claim_jobs else "")
+            + f" x {args.epochs} epochs on {device} "
             f"({settings.precision}; {parallel} run(s) at a time, {threads} thread(s) each). "
             f"Report: {args.output}",
             flush=True,
@@ -702,32 +768,65 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     checkpoints = args.output / "checkpoints"
     if not args.no_checkpoints and main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
+    total = len(losses) * len(args.seeds) + len(claim_jobs)
     jobs = [
         Job(
             loss=loss,
             seed=seed,
-            label=f"[{k + 1}/{len(losses) * len(args.seeds)}] {loss} seed {seed}",
+            label=f"[{k + 1}/{total}] {loss} seed {seed}",
             checkpoint=None if args.no_checkpoints else str(checkpoints / f"{loss}_seed{seed}.pt"),
+            data_key=main_key,
         )
         for k, (seed, loss) in enumerate((s, name) for s in args.seeds for name in losses)
     ]
-    context = RunContext(data, settings, loss_settings, augment, threads)
+    for k, (key, seed) in enumerate(claim_jobs, start=len(jobs)):
+        name = f"isogclr_{key[0]}_data{key[1]}_seed{seed}"
+        jobs.append(
+            Job(
+                loss="isogclr",
+                seed=seed,
+                label=f"[{k + 1}/{total}] isogclr {key[0]} order seed {seed}",
+                checkpoint=None if args.no_checkpoints else str(checkpoints / f"{name}.pt"),
+                data_key=key,
+                comparison=False,
+            )
+        )
+    context = RunContext(datas, settings, loss_settings, augment, threads)
+    density_keys = [main_key] if "isogclr" in losses else []
+    density_keys += [k for k in claim_keys if k not in density_keys]
+
+    def while_training() -> tuple[dict, dict]:
+        """The raw-pixel reference and the pixel-space densities (no training involved)."""
+        pixel = {
+            key: knn_density(raw_pixel_features(datas[key].train).numpy(), settings.density_k)
+            for key in density_keys
+        }
+        return raw_pixel_baseline(data, settings), pixel
+
     if parallel > 1:
-        # The raw-pixel reference is computed here while the workers train.
-        results, baseline = run_parallel(
-            jobs, context, parallel, lambda: raw_pixel_baseline(data, settings)
+        # Computed here while the workers train.
+        all_results, (baseline, pixel_density) = run_parallel(
+            jobs, context, parallel, while_training
         )
     else:
-        results = run_sequential(jobs, context)
-        baseline = raw_pixel_baseline(data, settings) if main_process else None
+        all_results = run_sequential(jobs, context)
+        baseline, pixel_density = while_training() if main_process else (None, {})
     if not main_process:
         return 0
+    results = [r for r, job in zip(all_results, jobs) if job.comparison]
+    claim_runs = [
+        claim_run_from_result(r, datas[(r.class_order, r.data_seed)], pixel_density)
+        for key in claim_keys
+        for seed in claim_seeds
+        for r in all_results
+        if r.loss == "isogclr" and (r.class_order, r.data_seed) == key and r.seed == seed
+    ]
     timing = {
         "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "finished": datetime.now().isoformat(timespec="seconds"),
         "total_seconds": time.time() - started,
     }
-    paths = write_report(args.output, config, data, results, baseline, timing)
+    paths = write_report(args.output, config, data, results, baseline, timing, claim_runs)
     summary = summary_rows([run_row(r) for r in results], losses)
     print()
     print(summary_table(summary, baseline))
@@ -735,6 +834,8 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         f"\nAccuracy is top-1 on the balanced test set (%); Spearman: iSogCLR class mean "
         f"temperature against class frequency. {timing['total_seconds'] / 60:.1f} minutes in all."
     )
+    if claim_runs:
+        print(claim_verdict(claim_runs)["text"])
     print(
         f"Report: {paths['report']}  (tables: {paths['results_csv'].name}, "
         f"{paths['summary_csv'].name}, {paths['results_json'].name}; plots: *.png)"

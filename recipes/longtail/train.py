@@ -1,8 +1,9 @@
 """One SimCLR run per loss with PyTorch Lightning: the losses, the module, the training loop.
 
-Five losses at equal budget: Lightly's ``NTXentLoss`` with a fixed temperature, the same with the
-cosine temperature schedule of Kukleva et al. (ICLR 2023), and ``lightly_tau``'s ``SogCLRLoss``,
-``ISogCLRLoss`` and ``DySTreSSLoss``. The stateful losses get each sample's dataset index from
+The losses, at equal budget, come from one registry (:data:`LOSS_REGISTRY`): Lightly's
+``NTXentLoss`` with a fixed temperature, the same with the cosine temperature schedule of Kukleva
+et al. (ICLR 2023), Lightly's ``MACLLoss`` (model-aware temperature) and ``DCLLoss``, and
+``lightly_tau``'s ``SogCLRLoss``, ``ISogCLRLoss`` and ``DySTreSSLoss``. The stateful losses get each sample's dataset index from
 ``IndexedDataset`` and ``set_epoch`` at every epoch. Lightning runs the loop, so the same code
 trains on a CPU, a GPU, or several GPUs with ``strategy="ddp"`` (the losses then gather
 negatives and state updates across ranks).
@@ -15,15 +16,16 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
-from lightly.loss import NTXentLoss
+from lightly.loss import DCLLoss, MACLLoss, NTXentLoss
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightly_tau import DySTreSSLoss, IndexedDataset, ISogCLRLoss, SogCLRLoss
@@ -40,21 +42,12 @@ from recipes.longtail.evaluate import (
     temperature_by_class,
 )
 from recipes.longtail.models import SimCLRModel
-
-LOSSES = ("ntxent", "ntxent-cosine", "sogclr", "isogclr", "dystress")
-LOSS_LABELS = {
-    "ntxent": "NT-Xent",
-    "ntxent-cosine": "NT-Xent + cosine tau",
-    "sogclr": "SogCLR",
-    "isogclr": "iSogCLR",
-    "dystress": "DySTreSS",
-}
-OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
+from recipes.temperature_analysis import knn_density
 
 
 @dataclass
 class LossSettings:
-    """Settings of the five losses (the report lists them with the results)."""
+    """Settings of the losses (the report lists them with the results)."""
 
     temperature: float = 0.1
     cosine_tau_min: float = 0.1
@@ -70,16 +63,199 @@ class LossSettings:
     isogclr_tau_max: float = 1.0
     dystress_tau_min: float = 0.07
     dystress_tau_max: float = 0.2
+    macl_temperature: float = 0.1
+    macl_alpha: float = 0.5
+    macl_a0: float = 0.0
 
     def temperature_bounds(self, loss: str) -> tuple[float, float]:
         """The range every temperature of ``loss`` must stay in."""
-        if loss == "ntxent-cosine":
-            return self.cosine_tau_min, self.cosine_tau_max
-        if loss == "isogclr":
-            return self.isogclr_tau_min, self.isogclr_tau_max
-        if loss == "dystress":
-            return self.dystress_tau_min, self.dystress_tau_max
-        return self.temperature, self.temperature
+        return LOSS_REGISTRY[loss].bounds(self)
+
+
+BatchTemperature = Callable[[nn.Module, Tensor, Tensor], "tuple[Tensor, Optional[Tensor]]"]
+
+
+def stats_temperature(loss: nn.Module, z0: Tensor, z1: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The batch temperature a ``lightly_tau`` loss reports in ``stats``: ``tau_mean`` (and
+    ``tau_positive_mean`` where the loss has one). The default of :class:`LossSpec`."""
+    stats = loss.stats  # type: ignore[attr-defined]
+    return stats["tau_mean"], stats.get("tau_positive_mean")
+
+
+def fixed_temperature(loss: nn.Module, z0: Tensor, z1: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The loss's ``temperature`` attribute (NT-Xent, its cosine schedule, DCL)."""
+    return torch.tensor(float(loss.temperature)), None  # type: ignore[attr-defined]
+
+
+def dystress_temperature(
+    loss: nn.Module, z0: Tensor, z1: Tensor
+) -> tuple[Tensor, Optional[Tensor]]:
+    """DySTreSS: mean temperature of the negative pairs, and of the positive pairs."""
+    stats = loss.stats  # type: ignore[attr-defined]
+    return stats["tau_negative_mean"], stats["tau_positive_mean"]
+
+
+def macl_temperature(loss: nn.Module, z0: Tensor, z1: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """MACL's model-aware temperature of the batch, recomputed as Lightly's ``MACLLoss`` does.
+
+    ``t = tau_0 * (1 + alpha * (A - A_0))`` with ``A`` the batch's mean positive cosine
+    similarity (Huang et al., ICML 2023, arXiv 2207.07874; ``lightly/loss/macl_loss.py``:
+    ``A = mean(pos)`` over both directions, which is the mean of ``cos(z0_i, z1_i)``).
+    """
+    with torch.no_grad():
+        alignment = F.cosine_similarity(z0.float(), z1.float(), dim=1).mean()
+    return loss.temperature * (1 + loss.alpha * (alignment - loss.A_0)), None  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One entry of :data:`LOSS_REGISTRY`: how to build a loss and read its temperature.
+
+    Adding a loss to the recipe is one entry: a label, the options that set it (named in
+    errors), ``build(settings, num_samples, gather_distributed)``, what kind of temperature it
+    has (a phrase for the report), the range its temperatures stay in, a settings line for the
+    report, whether it takes the dataset index, and how to read the batch's temperature after a
+    step (``batch_temperature(loss, z0, z1)``: the temperature applied to negatives' logits and,
+    where it differs, to positives'; the default reads ``stats["tau_mean"]``). ``per_sample``
+    marks losses whose ``tau`` attribute is a per-sample temperature table (the report relates
+    it to class frequency and local density). ``before_step(loss, settings, step,
+    steps_per_epoch, max_steps)`` sets a schedule before each step.
+    """
+
+    label: str
+    flags: str
+    build: Callable[[LossSettings, int, bool], nn.Module]
+    temperature_kind: str
+    bounds: Callable[[LossSettings], tuple[float, float]]
+    describe: Callable[[LossSettings], str]
+    uses_index: bool = False
+    per_sample: bool = False
+    batch_temperature: BatchTemperature = stats_temperature
+    before_step: Optional[Callable[[nn.Module, LossSettings, int, int, int], None]] = None
+
+
+def cosine_temperature(
+    settings: LossSettings, step: int, steps_per_epoch: int, max_steps: int
+) -> float:
+    """Kukleva et al.'s schedule, ``tau_max`` at step 0, ``tau_min`` half a period later."""
+    s = settings
+    period = max(1, round(s.cosine_period_epochs * steps_per_epoch))
+    return cosine_schedule(step, max_steps, s.cosine_tau_max, s.cosine_tau_min, period)
+
+
+def _set_cosine_temperature(
+    loss: nn.Module, settings: LossSettings, step: int, steps_per_epoch: int, max_steps: int
+) -> None:
+    loss.temperature = cosine_temperature(settings, step, steps_per_epoch, max_steps)
+
+
+def _fixed(s: LossSettings) -> tuple[float, float]:
+    return s.temperature, s.temperature
+
+
+LOSS_REGISTRY: dict[str, LossSpec] = {
+    "ntxent": LossSpec(
+        label="NT-Xent",
+        flags="--temperature",
+        build=lambda s, n, g: NTXentLoss(temperature=s.temperature, gather_distributed=g),
+        temperature_kind="fixed",
+        bounds=_fixed,
+        describe=lambda s: f"Lightly NTXentLoss, temperature {s.temperature:g}",
+        batch_temperature=fixed_temperature,
+    ),
+    "ntxent-cosine": LossSpec(
+        label="NT-Xent + cosine tau",
+        flags="--cosine-tau-*",
+        build=lambda s, n, g: NTXentLoss(temperature=s.cosine_tau_max, gather_distributed=g),
+        temperature_kind="scheduled (cosine, per step)",
+        bounds=lambda s: (s.cosine_tau_min, s.cosine_tau_max),
+        describe=lambda s: (
+            f"temperature from {s.cosine_tau_max:g} down to {s.cosine_tau_min:g} and back every "
+            f"{s.cosine_period_epochs:g} epochs (Kukleva et al.: 400 epochs in a 2000-epoch run; "
+            "here the same five cycles per run unless --cosine-period is given), per step with "
+            "lightly.utils.scheduler.cosine_schedule"
+        ),
+        batch_temperature=fixed_temperature,
+        before_step=_set_cosine_temperature,
+    ),
+    "macl": LossSpec(
+        label="MACL",
+        flags="--macl-*",
+        build=lambda s, n, g: MACLLoss(
+            temperature=s.macl_temperature, alpha=s.macl_alpha, A_0=s.macl_a0
+        ),
+        temperature_kind="model-aware: tau_0 (1 + alpha (A - A_0)) from the batch's alignment A",
+        bounds=lambda s: (
+            s.macl_temperature * (1 + s.macl_alpha * (-1 - s.macl_a0)),
+            s.macl_temperature * (1 + s.macl_alpha * (1 - s.macl_a0)),
+        ),
+        describe=lambda s: (
+            f"Lightly MACLLoss, tau_0 {s.macl_temperature:g}, alpha {s.macl_alpha:g}, "
+            f"A_0 {s.macl_a0:g} (Lightly's defaults; no gathering across processes)"
+        ),
+        batch_temperature=macl_temperature,
+    ),
+    "dcl": LossSpec(
+        label="DCL",
+        flags="--temperature",
+        build=lambda s, n, g: DCLLoss(temperature=s.temperature, gather_distributed=g),
+        temperature_kind="fixed (positive left out of the denominator)",
+        bounds=_fixed,
+        describe=lambda s: f"Lightly DCLLoss, temperature {s.temperature:g}, no weighting",
+        batch_temperature=fixed_temperature,
+    ),
+    "sogclr": LossSpec(
+        label="SogCLR",
+        flags="--temperature/--sogclr-*",
+        build=lambda s, n, g: SogCLRLoss(
+            num_samples=n, temperature=s.temperature, gamma=s.sogclr_gamma, gather_distributed=g
+        ),
+        temperature_kind="fixed (global)",
+        bounds=_fixed,
+        describe=lambda s: f"temperature {s.temperature:g}, gamma {s.sogclr_gamma:g}",
+        uses_index=True,
+    ),
+    "isogclr": LossSpec(
+        label="iSogCLR",
+        flags="--isogclr-*",
+        build=lambda s, n, g: ISogCLRLoss(
+            num_samples=n,
+            rho=s.isogclr_rho,
+            tau_init=s.isogclr_tau_init,
+            tau_min=s.isogclr_tau_min,
+            tau_max=s.isogclr_tau_max,
+            eta=s.isogclr_eta,
+            beta=s.isogclr_beta,
+            gamma=s.isogclr_gamma,
+            gather_distributed=g,
+        ),
+        temperature_kind="learned, one per sample",
+        bounds=lambda s: (s.isogclr_tau_min, s.isogclr_tau_max),
+        describe=lambda s: (
+            f"rho {s.isogclr_rho:g}, eta {s.isogclr_eta:g}, beta {s.isogclr_beta:g}, gamma "
+            f"{s.isogclr_gamma:g}, tau_init {s.isogclr_tau_init:g}, range "
+            f"[{s.isogclr_tau_min:g}, {s.isogclr_tau_max:g}]"
+        ),
+        uses_index=True,
+        per_sample=True,
+    ),
+    "dystress": LossSpec(
+        label="DySTreSS",
+        flags="--dystress-*",
+        build=lambda s, n, g: DySTreSSLoss(
+            tau_min=s.dystress_tau_min, tau_max=s.dystress_tau_max, gather_distributed=g
+        ),
+        temperature_kind="per pair, from its similarity",
+        bounds=lambda s: (s.dystress_tau_min, s.dystress_tau_max),
+        describe=lambda s: f"tau_min {s.dystress_tau_min:g}, tau_max {s.dystress_tau_max:g}",
+        batch_temperature=dystress_temperature,
+    ),
+}
+LOSSES = tuple(LOSS_REGISTRY)
+LOSS_LABELS = {name: spec.label for name, spec in LOSS_REGISTRY.items()}
+# The main job's comparison; the others run with --losses (e.g. --losses all).
+DEFAULT_LOSSES = ("ntxent", "ntxent-cosine", "macl", "sogclr", "isogclr", "dystress")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 
 
 @dataclass
@@ -109,14 +285,16 @@ class TrainSettings:
     progress: bool = True
     # Line of the progress bar, so that runs side by side do not overwrite each other.
     progress_position: int = 0
+    # Neighbours of the local-density measure (mean similarity of the k nearest training images).
+    density_k: int = 20
 
 
 class TemperatureLoss(nn.Module):
-    """One of the five losses behind a common interface for the training loop.
+    """One loss of :data:`LOSS_REGISTRY` behind a common interface for the training loop.
 
     ``forward(z0, z1, index)`` returns the loss; afterwards ``tau_batch`` is the mean temperature
     applied to the logits of the batch's negatives (for DySTreSS, of its negative pairs, and
-    ``tau_positive`` of its positive pairs).
+    ``tau_positive`` of its positive pairs; for MACL, its model-aware temperature).
     """
 
     def __init__(
@@ -127,80 +305,41 @@ class TemperatureLoss(nn.Module):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        if name not in LOSSES:
+        if name not in LOSS_REGISTRY:
             raise ValueError(f"loss must be one of {LOSSES}, got {name!r}.")
         self.name = name
+        self.spec = LOSS_REGISTRY[name]
         self.settings = settings
-        s = settings
-        if name in ("ntxent", "ntxent-cosine"):
-            start = s.cosine_tau_max if name == "ntxent-cosine" else s.temperature
-            self.loss: nn.Module = NTXentLoss(
-                temperature=start, gather_distributed=gather_distributed
-            )
-        elif name == "sogclr":
-            self.loss = SogCLRLoss(
-                num_samples,
-                temperature=s.temperature,
-                gamma=s.sogclr_gamma,
-                gather_distributed=gather_distributed,
-            )
-        elif name == "isogclr":
-            self.loss = ISogCLRLoss(
-                num_samples,
-                rho=s.isogclr_rho,
-                tau_init=s.isogclr_tau_init,
-                tau_min=s.isogclr_tau_min,
-                tau_max=s.isogclr_tau_max,
-                eta=s.isogclr_eta,
-                beta=s.isogclr_beta,
-                gamma=s.isogclr_gamma,
-                gather_distributed=gather_distributed,
-            )
-        else:
-            self.loss = DySTreSSLoss(
-                tau_min=s.dystress_tau_min,
-                tau_max=s.dystress_tau_max,
-                gather_distributed=gather_distributed,
-            )
+        self.loss: nn.Module = self.spec.build(settings, num_samples, gather_distributed)
         self.tau_batch: Tensor = torch.tensor(math.nan)
         self.tau_positive: Optional[Tensor] = None
 
     @property
     def uses_index(self) -> bool:
-        return self.name in ("sogclr", "isogclr")
+        return self.spec.uses_index
 
     def cosine_temperature(self, step: int, steps_per_epoch: int, max_steps: int) -> float:
         """Kukleva et al.'s schedule, ``tau_max`` at step 0, ``tau_min`` half a period later."""
-        s = self.settings
-        period = max(1, round(s.cosine_period_epochs * steps_per_epoch))
-        return cosine_schedule(step, max_steps, s.cosine_tau_max, s.cosine_tau_min, period)
+        return cosine_temperature(self.settings, step, steps_per_epoch, max_steps)
 
     def before_step(self, step: int, steps_per_epoch: int, max_steps: int) -> None:
-        if self.name == "ntxent-cosine":
-            self.loss.temperature = self.cosine_temperature(step, steps_per_epoch, max_steps)
+        if self.spec.before_step is not None:
+            self.spec.before_step(self.loss, self.settings, step, steps_per_epoch, max_steps)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.loss, "set_epoch"):
             self.loss.set_epoch(epoch)
 
     def forward(self, z0: Tensor, z1: Tensor, index: Tensor) -> Tensor:
-        if self.uses_index:
-            value = self.loss(z0, z1, index)
-        else:
-            value = self.loss(z0, z1)
-        stats = getattr(self.loss, "stats", {})
-        if self.name in ("ntxent", "ntxent-cosine"):
-            self.tau_batch = torch.tensor(float(self.loss.temperature))
-        elif self.name == "dystress":
-            self.tau_batch = stats["tau_negative_mean"]
-            self.tau_positive = stats["tau_positive_mean"]
-        else:
-            self.tau_batch = stats["tau_mean"]
+        value = self.loss(z0, z1, index) if self.uses_index else self.loss(z0, z1)
+        tau, positive = self.spec.batch_temperature(self.loss, z0, z1)
+        self.tau_batch = torch.as_tensor(tau).detach()
+        self.tau_positive = None if positive is None else torch.as_tensor(positive).detach()
         return value
 
     def sample_temperatures(self) -> Optional[Tensor]:
         """The learned temperature of every training sample (iSogCLR), else None."""
-        return self.loss.tau if self.name == "isogclr" else None
+        return self.loss.tau if self.spec.per_sample else None  # type: ignore[return-value]
 
 
 class RunProgressBar(TQDMProgressBar):
@@ -353,6 +492,13 @@ class RunResult:
     sample_temperatures: Optional[list[float]] = None
     checkpoint: str = ""
     extra: dict = field(default_factory=dict)
+    # Which long-tailed data the run trained on, and its batch size.
+    class_order: str = "natural"
+    data_seed: int = 0
+    batch_size: int = 0
+    # Per-sample local density in the learned feature space at the end of training (the mean
+    # cosine similarity of the density_k nearest training images), for per-sample losses.
+    sample_density: Optional[list[float]] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -471,6 +617,9 @@ def train_and_evaluate(
     )
     tau = loss.sample_temperatures()
     temperatures = temperature_by_class(tau, data.train.targets, data) if tau is not None else None
+    density = (
+        knn_density(features["train"].numpy(), settings.density_k) if tau is not None else None
+    )
     eval_seconds = time.perf_counter() - start
     eval_cpu_seconds = time.process_time() - cpu_start
     if checkpoint_path:
@@ -499,4 +648,8 @@ def train_and_evaluate(
         temperature_bounds=loss_settings.temperature_bounds(loss_name),
         sample_temperatures=tau.tolist() if tau is not None else None,
         checkpoint=checkpoint_path or "",
+        class_order=data.class_order,
+        data_seed=data.data_seed,
+        batch_size=settings.batch_size,
+        sample_density=density.tolist() if density is not None else None,
     )
