@@ -1,11 +1,16 @@
 """Temperature-aware contrastive losses for Lightly: SogCLR, iSogCLR and DySTreSS."""
 
 from lightly_tau.data import IndexedDataset
-from lightly_tau.functional import cosine_gamma, dystress_temperature, global_contrastive_rows
-from lightly_tau.losses import DySTreSSLoss, ISogCLRLoss, SogCLRLoss, temperature_stats
-from lightly_tau.state import PerSampleState
+from lightly_tau.losses import DySTreSSLoss, ISogCLRLoss, SogCLRLoss
+from tau_core import (
+    PerSampleState,
+    cosine_gamma,
+    dystress_temperature,
+    global_contrastive_rows,
+    temperature_stats,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DySTreSSLoss",

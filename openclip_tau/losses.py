@@ -1,8 +1,9 @@
 """Image-text SogCLR, iSogCLR and DySTreSS with OpenCLIP's ``ClipLoss`` call signature.
 
-The per-sample state, the block math and the temperature update are those of ``lightly_tau``;
+The per-sample state, the block math, the temperature rules and the forward are ``tau_core``'s;
 this module only builds the two image-text blocks (image anchors against the gathered texts, text
-anchors against the gathered images) and keeps one state per anchor role.
+anchors against the gathered images, one state per anchor role) and speaks ``ClipLoss``'s
+arguments. It needs neither Lightly nor anything of OpenCLIP.
 """
 
 from __future__ import annotations
@@ -10,55 +11,55 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from lightly.utils import dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightly_tau._checks import check_pair_features, check_temperature_range
-from lightly_tau.functional import (
-    global_contrastive_rows,
-    weighted_similarity_sum,
-    with_value,
-)
-from lightly_tau.losses import (
+from tau_core import (
+    AnchorBlock,
+    DySTreSSBase,
     FixedTemperature,
+    GlobalContrastiveLoss,
     LearnedTemperature,
-    TemperatureRule,
-    _GlobalContrastiveLoss,
-    check_finite,
-    dystress_cross_entropy,
+    check_flag,
+    gather_with_grad,
+    is_distributed,
     normalized_float32,
-    temperature_stats,
-    warn_wide_dystress_range,
 )
+from tau_core import rank as process_rank
+from tau_core import world_size as process_world_size
 
 IndexLike = Union[Tensor, Sequence[int]]
 ROLES = ("image", "text")
+FEATURE_NAMES = ("image_features", "text_features")
 
 
-def image_text_similarity(
-    image_features: Tensor, text_features: Tensor, world_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def image_text_blocks(
+    image_features: Tensor, text_features: Tensor, gather: bool
+) -> list[AnchorBlock]:
     """Local image anchors against gathered texts, and local text anchors against gathered images.
 
-    Features are gathered with a gradient that sums over ranks in backward, so after DDP's
-    averaging the parameter gradient equals one process's on the global batch. Returns
-    ``(sim_image, sim_text, pos_col)``, each block of shape (b, b * world_size) in float32.
+    Features are gathered (one all-gather) with a gradient that sums over ranks in backward, so
+    after DDP's averaging the parameter gradient equals one process's on the global batch. Each
+    block has shape (b, b * world_size) in float32; the positive is the pair's own column.
     """
     b = image_features.shape[0]
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         zi, zt = normalized_float32(image_features), normalized_float32(text_features)
-        if world_size > 1:
-            zi_all, zt_all = torch.cat(dist.gather(zi), 0), torch.cat(dist.gather(zt), 0)
-            offset = dist.rank() * b
+        if gather:
+            pairs = gather_with_grad(torch.stack([zi, zt], dim=1))
+            zi_all, zt_all = pairs[:, 0], pairs[:, 1]
+            offset = process_rank() * b
         else:
             zi_all, zt_all, offset = zi, zt, 0
         sim_image = zi @ zt_all.T
         sim_text = zt @ zi_all.T
     pos_col = torch.arange(b, device=image_features.device) + offset
-    return sim_image, sim_text, pos_col
+    return [
+        AnchorBlock(sim_image, pos_col, None, suffix="_image", anchors=zi),
+        AnchorBlock(sim_text, pos_col, None, suffix="_text", anchors=zt),
+    ]
 
 
-def _unused_parameters_term(logit_scale: Optional[Tensor], logit_bias: Optional[Tensor]) -> Tensor:
+def unused_parameters_term(logit_scale: Optional[Tensor], logit_bias: Optional[Tensor]) -> Tensor:
     """``0 * logit_scale (+ 0 * logit_bias)``: keeps DDP from failing on parameters without grad."""
     term = torch.zeros(())
     for p in (logit_scale, logit_bias):
@@ -67,28 +68,92 @@ def _unused_parameters_term(logit_scale: Optional[Tensor], logit_bias: Optional[
     return term
 
 
-class _GlobalContrastiveClipLoss(_GlobalContrastiveLoss):
-    """Image-text forward shared by SogCLR and iSogCLR: one state per anchor role."""
+class _ClipMixin:
+    """``ClipLoss``'s distributed arguments, their checks, and its image-text blocks.
+
+    Our losses compute the local anchors against every rank's candidates with the gradient
+    through the gather: the exact gradient of the global batch, which is what upstream's
+    ``local_loss=True, gather_with_grad=True`` computes (and, with redundant work, its default).
+    ``local_loss=True`` with ``gather_with_grad=False`` drops the gradient through the other
+    ranks' features upstream; that is a different gradient, so it is refused, not ignored.
+    """
+
+    def _init_distributed(
+        self, rank: int, world_size: int, local_loss: bool, gather_with_grad: bool
+    ) -> None:
+        check_flag("local_loss", local_loss)
+        check_flag("gather_with_grad", gather_with_grad)
+        if local_loss and not gather_with_grad:
+            raise ValueError(
+                f"{type(self).__name__} always computes the exact gradient of the global batch "
+                "(local anchors against gathered candidates, gradient through the gather, as "
+                "local_loss=True with gather_with_grad=True). local_loss=True with "
+                "gather_with_grad=False would drop the gradient through other ranks' features: "
+                "set gather_with_grad=True or local_loss=False."
+            )
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if world_size < 1 or rank >= world_size:
+            raise ValueError(
+                f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}."
+            )
+        self.rank = rank
+        self.world_size = world_size
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def gathers(self) -> bool:
+        if self.world_size <= 1:
+            return False
+        if not is_distributed() or process_world_size() != self.world_size:
+            raise ValueError(
+                f"world_size={self.world_size} but the default process group has "
+                f"{process_world_size()} rank(s); build the loss after "
+                "torch.distributed.init_process_group with its world size."
+            )
+        if process_rank() != self.rank:
+            raise ValueError(f"rank={self.rank} but this process has rank {process_rank()}.")
+        return True
+
+    def anchor_blocks(self, image_features: Tensor, text_features: Tensor) -> list[AnchorBlock]:
+        return image_text_blocks(image_features, text_features, self.gathers())
+
+    def _clip_output(
+        self,
+        loss: Tensor,
+        logit_scale: Optional[Tensor],
+        logit_bias: Optional[Tensor],
+        output_dict: bool,
+    ) -> Union[Tensor, dict[str, Tensor]]:
+        loss = loss + unused_parameters_term(logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class _GlobalContrastiveClipLoss(_ClipMixin, GlobalContrastiveLoss):
+    """Image-text forward of SogCLR and iSogCLR: one state per anchor role."""
 
     def __init__(
         self,
-        num_samples: int,
+        num_samples: Optional[int],
+        rule: FixedTemperature | LearnedTemperature,
         gamma: float,
         gamma_decay_epochs: Optional[int],
+        local_loss: bool,
+        gather_with_grad: bool,
         rank: int,
         world_size: int,
-        settings: TemperatureRule,
     ) -> None:
-        self.rank = rank
-        self.world_size = world_size
+        self._init_distributed(rank, world_size, local_loss, gather_with_grad)
         suffixes = tuple(f"_{role}" for role in ROLES)
-        super().__init__(num_samples, gamma, gamma_decay_epochs, world_size > 1, settings, suffixes)
+        super().__init__(num_samples, rule, gamma, gamma_decay_epochs, world_size > 1, suffixes)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         image_features: Tensor,
         text_features: Tensor,
         logit_scale: Optional[Tensor] = None,
+        *,
         index: Optional[IndexLike] = None,
         logit_bias: Optional[Tensor] = None,
         output_dict: bool = False,
@@ -101,6 +166,7 @@ class _GlobalContrastiveClipLoss(_GlobalContrastiveLoss):
             logit_scale: The model's learned scale; unused (the temperatures are the loss's),
                 but kept in the graph with weight 0 so DDP sees it used.
             index: (batch_size,) dataset index of each pair, integers in [0, num_samples).
+                Required (keyword only).
             logit_bias: Unused, as ``logit_scale``.
             output_dict: Return ``{"contrastive_loss": loss}`` as OpenCLIP's losses do.
 
@@ -109,47 +175,8 @@ class _GlobalContrastiveClipLoss(_GlobalContrastiveLoss):
             estimate, its gradient the surrogate's. Statistics go to ``stats``, not to the
             returned dict (OpenCLIP sums every value of that dict into the total loss).
         """
-        check_pair_features("image_features", image_features, "text_features", text_features)
-        if index is None:
-            raise ValueError(
-                f"{type(self).__name__} needs index=: the dataset index of each pair in the batch."
-            )
-        b = image_features.shape[0]
-        index = self.state.check_index(
-            index, b, {"image_features": image_features, "text_features": text_features}
-        )
-        sim_image, sim_text, pos_col = image_text_similarity(
-            image_features, text_features, self.world_size
-        )
-        rows = self.state.read(index, device=sim_image.device)
-        gamma = self.current_gamma
-        surrogate = objective = sim_image.new_zeros(())
-        new_rows: dict[str, Tensor] = {}
-        stats: dict[str, Tensor] = {}
-        for role, sim in zip(ROLES, (sim_image, sim_text)):
-            tau = self.settings.row_temperature(rows, f"_{role}")
-            result = global_contrastive_rows(
-                sim.detach(),
-                pos_col,
-                None,
-                tau,
-                rows[f"log_u_{role}"],
-                gamma=gamma,
-                rho=self.settings.rho,
-                need_grad_tau=self.settings.learns,
-            )
-            surrogate = surrogate + weighted_similarity_sum(sim, result.coef) / (
-                2 * result.num_negatives * b
-            )
-            objective = objective + 0.5 * result.objective.mean()
-            role_rows = self.settings.next_rows(rows, result.log_u, result.grad_tau, f"_{role}")
-            new_rows.update(role_rows)
-            stats.update(temperature_stats(role_rows.get(f"tau_{role}", tau), f"tau_{role}"))
-        if self.training:
-            self.state.write(index, new_rows, self.gather_distributed)
-        self.stats = {"objective": objective.detach(), "surrogate": surrogate.detach(), **stats}
-        loss = with_value(surrogate, objective) + _unused_parameters_term(logit_scale, logit_bias)
-        return {"contrastive_loss": loss} if output_dict else loss
+        loss = self.global_contrastive_loss(FEATURE_NAMES, image_features, text_features, index)
+        return self._clip_output(loss, logit_scale, logit_bias, output_dict)
 
 
 class SogCLRClipLoss(_GlobalContrastiveClipLoss):
@@ -163,36 +190,49 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
         loss = 1/2 * (mean_i mean_z [exp(h_iz / tau) / u_i]_detached * h_iz  + text term)
 
     The returned value is the objective estimate ``tau * log(u)`` averaged over anchors and roles;
-    the gradient is the surrogate's. The model's ``logit_scale`` is not used.
+    the gradient is the surrogate's. The model's ``logit_scale`` is not used (``1 / temperature``
+    is the scale this loss trains with).
 
     - [0] Yuan et al., SogCLR, ICML 2022, https://arxiv.org/abs/2202.12387
     - [1] Wei et al., FastCLIP, 2024, https://arxiv.org/abs/2407.01445
 
     Attributes:
-        num_samples: Number of image-text pairs (size of the per-sample state).
+        num_samples: Number of image-text pairs (size of the per-sample state). Required.
         temperature: Global temperature. Default 0.01 (CC3M recipe).
         gamma: Moving-average weight in (0, 1]. Default 0.9.
         gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
+        local_loss, gather_with_grad: As in ``open_clip.ClipLoss``; the loss always computes the
+            exact global gradient, and refuses ``local_loss=True, gather_with_grad=False``.
         rank, world_size: As in ``open_clip.ClipLoss``; features are gathered when
-            ``world_size > 1``.
+            ``world_size > 1``. The state is synchronised across processes in any case.
 
     Examples:
-        >>> loss_fn = SogCLRClipLoss(num_samples=2_800_000)
+        >>> loss_fn = SogCLRClipLoss(2_800_000, temperature=0.01)
         >>> out = model(images, texts)
         >>> loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], index=index)
     """
 
     def __init__(
         self,
-        num_samples: int,
+        num_samples: Optional[int] = None,
+        *,
         temperature: float = 0.01,
         gamma: float = 0.9,
         gamma_decay_epochs: Optional[int] = None,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         super().__init__(
-            num_samples, gamma, gamma_decay_epochs, rank, world_size, FixedTemperature(temperature)
+            num_samples,
+            FixedTemperature(temperature),
+            gamma,
+            gamma_decay_epochs,
+            local_loss,
+            gather_with_grad,
+            rank,
+            world_size,
         )
 
     @property
@@ -203,6 +243,16 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
     @temperature.setter
     def temperature(self, value: float) -> None:
         self.settings = FixedTemperature(value)
+
+    @property
+    def tau_image(self) -> Tensor:
+        """The image anchors' temperature (all ``temperature``), shape (num_samples,)."""
+        return torch.full((self.num_samples,), self.temperature)
+
+    @property
+    def tau_text(self) -> Tensor:
+        """The text anchors' temperature (all ``temperature``), shape (num_samples,)."""
+        return torch.full((self.num_samples,), self.temperature)
 
 
 class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
@@ -221,12 +271,13 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
     The positive pair is left out of the negatives (LibAUC and FastCLIP's convention; the original
     code keeps it in the normaliser). Stable in float32 down to tau 0.005: ``u`` is stored as
     ``log(u)``. With ``eta = 0`` it equals :class:`SogCLRClipLoss` at ``tau_init`` (the value
-    shifted by ``tau_init * rho``).
+    shifted by ``tau_init * rho``). The published CC3M settings (rho 6, eta 0.03) assume a global
+    batch of 512 or more; see the README for small batches.
 
     - [0] Qiu et al., iSogCLR, ICML 2023, https://arxiv.org/abs/2305.11965
 
     Attributes:
-        num_samples: Number of image-text pairs.
+        num_samples: Number of image-text pairs. Required.
         rho: KL radius. Default 6.0 (CC3M recipe).
         tau_init, tau_min, tau_max: Initial temperature and bounds. Defaults 0.01, 0.005, 1.0.
         eta: Temperature step size. Default 0.03.
@@ -234,17 +285,18 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
         gamma: Moving-average weight. Default 0.8.
         gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
         tau_grad_clip: Bound of the temperature gradient. Default 5.0 (bimodal recipe).
-        rank, world_size: As in ``open_clip.ClipLoss``.
+        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
 
     Examples:
-        >>> loss_fn = ISogCLRClipLoss(num_samples=2_800_000)
+        >>> loss_fn = ISogCLRClipLoss(2_800_000, rho=6.0)
         >>> loss = loss_fn(image_features, text_features, logit_scale, index=index)
         >>> loss_fn.tau_image, loss_fn.tau_text  # (num_samples,) learned temperatures
     """
 
     def __init__(
         self,
-        num_samples: int,
+        num_samples: Optional[int] = None,
+        *,
         rho: float = 6.0,
         tau_init: float = 0.01,
         tau_min: float = 0.005,
@@ -254,16 +306,20 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
         gamma: float = 0.8,
         gamma_decay_epochs: Optional[int] = None,
         tau_grad_clip: float = 5.0,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         super().__init__(
             num_samples,
+            LearnedTemperature(rho, tau_init, tau_min, tau_max, eta, beta, tau_grad_clip),
             gamma,
             gamma_decay_epochs,
+            local_loss,
+            gather_with_grad,
             rank,
             world_size,
-            LearnedTemperature(rho, tau_init, tau_min, tau_max, eta, beta, tau_grad_clip),
         )
 
     @property
@@ -277,58 +333,51 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
         return self.state.table("tau_text")
 
 
-class DySTreSSClipLoss(nn.Module):
+class DySTreSSClipLoss(_ClipMixin, DySTreSSBase):
     """CLIP loss with a temperature that is a cosine function of each pair's similarity.
 
     Every image-text logit gets ``s / tau(s)`` with ``tau`` from
-    :func:`lightly_tau.dystress_temperature`; the loss is ``ClipLoss``'s mean of the image-to-text
+    :func:`tau_core.dystress_temperature`; the loss is ``ClipLoss``'s mean of the image-to-text
     and text-to-image cross-entropies. With ``tau_min == tau_max == t`` it equals
     ``open_clip.ClipLoss`` with ``logit_scale = 1 / t``. No public image-text version existed;
     this one carries the unimodal rule over unchanged. The model's ``logit_scale`` is not used.
+    It keeps no state: ``index=`` is accepted and ignored.
 
     - [0] Manna et al., DySTreSS, IEEE TAI 2025, https://arxiv.org/abs/2308.01140
 
     Attributes:
         tau_min: Temperature at similarity 0. Default 0.01.
         tau_max: Temperature at similarity +-1. Default 0.04.
-        rank, world_size: As in ``open_clip.ClipLoss``.
+        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
 
     Examples:
-        >>> loss_fn = DySTreSSClipLoss(tau_min=0.01, tau_max=0.04)
+        >>> loss_fn = DySTreSSClipLoss(0.01, tau_max=0.04)
         >>> loss = loss_fn(image_features, text_features, logit_scale)
     """
 
     def __init__(
-        self, tau_min: float = 0.01, tau_max: float = 0.04, rank: int = 0, world_size: int = 1
+        self,
+        tau_min: float = 0.01,
+        *,
+        tau_max: float = 0.04,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__()
-        self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
-        self.rank = rank
-        self.world_size = world_size
-        self.stats: dict[str, Tensor] = {}
-        warn_wide_dystress_range(self.tau_min, self.tau_max)
+        self._init_distributed(rank, world_size, local_loss, gather_with_grad)
+        super().__init__(tau_min, tau_max, world_size > 1)
 
     def forward(
         self,
         image_features: Tensor,
         text_features: Tensor,
         logit_scale: Optional[Tensor] = None,
+        *,
         index: Optional[IndexLike] = None,
         logit_bias: Optional[Tensor] = None,
         output_dict: bool = False,
     ) -> Union[Tensor, dict[str, Tensor]]:
         """Mean of the image-to-text and text-to-image cross-entropies (``index`` is unused)."""
-        check_pair_features("image_features", image_features, "text_features", text_features)
-        check_finite({"image_features": image_features, "text_features": text_features})
-        sim_image, sim_text, pos_col = image_text_similarity(
-            image_features, text_features, self.world_size
-        )
-        loss_image, stats_image = dystress_cross_entropy(
-            sim_image, pos_col, None, self.tau_min, self.tau_max
-        )
-        loss_text, stats_text = dystress_cross_entropy(
-            sim_text, pos_col, None, self.tau_min, self.tau_max
-        )
-        self.stats = {k: 0.5 * (stats_image[k] + stats_text[k]) for k in stats_image}
-        loss = 0.5 * (loss_image + loss_text) + _unused_parameters_term(logit_scale, logit_bias)
-        return {"contrastive_loss": loss} if output_dict else loss
+        loss = self.dystress_loss(FEATURE_NAMES, image_features, text_features, index)
+        return self._clip_output(loss, logit_scale, logit_bias, output_dict)

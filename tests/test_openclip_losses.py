@@ -255,7 +255,7 @@ def test_autocast_bfloat16_keeps_float32_math(kind):
 
     def make():
         if kind == "dystress":
-            return DySTreSSClipLoss(0.01, 0.04)
+            return DySTreSSClipLoss(0.01, tau_max=0.04)
         return dict(zip(["sogclr", "isogclr"], _stateful_losses(0.01)))[kind]
 
     loss, twin = make(), make()
@@ -267,7 +267,11 @@ def test_autocast_bfloat16_keeps_float32_math(kind):
     value.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     # The loss casts to float32 first: same value and state as float32 inputs without autocast.
-    same = twin(image.detach().float(), text.detach().float(), index=torch.arange(5))
+    same = twin(
+        image.detach().float().requires_grad_(),
+        text.detach().float().requires_grad_(),
+        index=torch.arange(5),
+    )
     assert value.item() == pytest.approx(same.item(), rel=1e-6)
     if kind != "dystress":
         for name in loss.state.names:
@@ -322,7 +326,7 @@ def test_very_similar_negatives_are_finite():
     base = torch.randn(1, DIM, generator=g)
     image = base + 1e-4 * torch.randn(5, DIM, generator=g)
     text = base + 1e-4 * torch.randn(5, DIM, generator=g)
-    for loss in _stateful_losses(0.005) + [DySTreSSClipLoss(0.01, 0.04)]:
+    for loss in _stateful_losses(0.005) + [DySTreSSClipLoss(0.01, tau_max=0.04)]:
         for _ in range(2):
             value, gi, gt = run(loss, image, text, index=torch.arange(5))
             assert math.isfinite(value) and np.isfinite(gi).all() and np.isfinite(gt).all()

@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightly_tau import IndexedDataset, ISogCLRLoss, PerSampleState, SogCLRLoss
-from lightly_tau.state import _keep_last_occurrence
 from openclip_tau import ISogCLRClipLoss, SogCLRClipLoss
+from tau_core.state import keep_last_occurrence as _keep_last_occurrence
 
 DIM = 6
 
@@ -342,7 +342,7 @@ def test_indexed_dataset_with_a_torchvision_dataset_and_simclr_transform():
     for (x0, x1), targets, index in loader:
         assert index.dtype == torch.int64 and targets.shape == (3,)
         seen += index.tolist()
-        value = loss(x0.flatten(1), x1.flatten(1), index)
+        value = loss(x0.flatten(1).requires_grad_(), x1.flatten(1).requires_grad_(), index)
         assert torch.isfinite(value)
     assert seen == list(range(6))
     assert torch.isfinite(loss.state.table("log_u")).all()

@@ -6,9 +6,9 @@ import numbers
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from lightly.utils import dist
 from torch import Tensor, nn
-from torch import distributed as torch_dist
+
+from tau_core.distributed import concat_all_gather, is_distributed
 
 IndexLike = Union[Tensor, Sequence[int]]
 
@@ -30,8 +30,8 @@ class PerSampleState(nn.Module):
       does not touch them: the temperature math stays in float32;
     - they are plain tensors, not buffers, so DDP never broadcasts them from rank 0 (that would
       drop the other ranks' updates and cost a full-table broadcast per step). Instead ``write``
-      with ``gather_distributed=True`` gathers every rank's indices and rows, so all ranks apply the
-      same update for the whole global batch and stay identical.
+      gathers every rank's indices and rows whenever a process group of several ranks exists, so
+      all ranks apply the same update for the whole global batch and stay identical.
 
     Duplicates: when an index occurs more than once in one (global) batch, every occurrence was
     computed from the same stored rows, and the last occurrence (in rank order, then batch order)
@@ -84,6 +84,43 @@ class PerSampleState(nn.Module):
         for name, table in self._tables.items():
             table.fill_(self.initial_values[name])
 
+    def index_problem(
+        self, index: IndexLike, batch_size: Optional[int] = None
+    ) -> tuple[Optional[Tensor], Optional[str]]:
+        """``(index as int64, None)``, or ``(None, message)`` naming what is wrong with its form.
+
+        Checks what needs no look at the values: integer dtype, one dimension, length
+        ``batch_size`` (when given), not empty. The range of the values is :meth:`range_problem`'s,
+        so that a loss can check every rank's values with one collective.
+        """
+        if not isinstance(index, Tensor):
+            try:
+                index = torch.as_tensor(index)
+            except (TypeError, ValueError, RuntimeError):
+                return None, f"index must be a tensor of integers, got {type(index)}."
+        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+            return None, f"index must hold integers (dataset indices), got dtype {index.dtype}."
+        if index.dim() != 1:
+            return None, f"index must be 1-D, got shape {tuple(index.shape)}."
+        if batch_size is not None and index.numel() != batch_size:
+            return None, (
+                f"index has {index.numel()} entries but the batch has {batch_size} samples; "
+                "pass one dataset index per sample."
+            )
+        if index.numel() == 0:
+            return None, "index is empty: the batch needs at least one sample."
+        return index.long(), None
+
+    def range_problem(self, low: int, high: int) -> Optional[str]:
+        """The message for index values outside [0, num_samples), given their min and max."""
+        if low < 0 or high >= self.num_samples:
+            bad = low if low < 0 else high
+            return (
+                f"index {bad} is out of range: indices must lie in [0, {self.num_samples}) "
+                f"(num_samples={self.num_samples})."
+            )
+        return None
+
     def check_index(
         self,
         index: IndexLike,
@@ -92,41 +129,22 @@ class PerSampleState(nn.Module):
     ) -> Tensor:
         """Returns ``index`` as an int64 tensor, or raises a ``ValueError`` that names the problem.
 
-        Checks: integer dtype, one dimension, length ``batch_size`` (when given), values in
-        [0, num_samples), and that every tensor in ``features`` (name to tensor) is finite. All
-        value checks share one device-to-host copy, so a GPU step synchronises once.
+        Checks its form (:meth:`index_problem`), values in [0, num_samples), and that every tensor
+        in ``features`` (name to tensor) is finite. All value checks share one device-to-host copy.
         """
-        if not isinstance(index, Tensor):
-            try:
-                index = torch.as_tensor(index)
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise ValueError(f"index must be a tensor of integers, got {type(index)}.") from err
-        if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
-            raise ValueError(
-                f"index must hold integers (dataset indices), got dtype {index.dtype}."
-            )
-        if index.dim() != 1:
-            raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}.")
-        if batch_size is not None and index.numel() != batch_size:
-            raise ValueError(
-                f"index has {index.numel()} entries but the batch has {batch_size} samples; "
-                "pass one dataset index per sample."
-            )
-        if index.numel() == 0:
-            raise ValueError("index is empty: the batch needs at least one sample.")
-        flags = [index.min(), index.max()]
-        flags += [torch.isfinite(f).all().to(index.device, torch.long) for f in features.values()]
+        checked, problem = self.index_problem(index, batch_size)
+        if problem:
+            raise ValueError(problem)
+        flags = [checked.min(), checked.max()]
+        flags += [torch.isfinite(f).all().to(checked.device, torch.long) for f in features.values()]
         low, high, *finite = torch.stack(flags).tolist()
         for name, ok in zip(features, finite):
             if not ok:
                 raise ValueError(f"{name} contains NaN or Inf values; the state was not changed.")
-        if low < 0 or high >= self.num_samples:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"index {bad} is out of range: indices must lie in [0, {self.num_samples}) "
-                f"(num_samples={self.num_samples})."
-            )
-        return index.long()
+        problem = self.range_problem(low, high)
+        if problem:
+            raise ValueError(problem)
+        return checked
 
     def read(self, index: Tensor, device: Optional[torch.device] = None) -> dict[str, Tensor]:
         """Rows ``index`` of every table, as float32 tensors on ``device`` (default: index's)."""
@@ -135,23 +153,22 @@ class PerSampleState(nn.Module):
         return {name: table[local].to(device) for name, table in self._tables.items()}
 
     @torch.no_grad()
-    def write(
-        self, index: Tensor, rows: Mapping[str, Tensor], gather_distributed: bool = False
-    ) -> None:
+    def write(self, index: Tensor, rows: Mapping[str, Tensor], synchronize: bool = True) -> None:
         """Writes ``rows[name][k]`` to ``table[name][index[k]]`` for every table.
 
-        With ``gather_distributed`` and several processes, the indices and rows of all ranks are
-        gathered first, so every rank writes the whole global batch. All tables must be given.
+        With ``synchronize`` (the default) and a process group of several ranks, the indices and
+        rows of all ranks are gathered first, so every rank writes the whole global batch and the
+        tables stay identical (a collective: every rank must call it). All tables must be given.
         """
         if set(rows) != set(self._tables):
             raise ValueError(f"write needs rows for {sorted(self._tables)}, got {sorted(rows)}.")
         names = list(self._tables)
         packed = torch.stack([rows[name].detach().float() for name in names], dim=1)
         index = index.to(packed.device)
-        if gather_distributed and dist.world_size() > 1:
-            index = concat_all_gather(index.contiguous())
-            packed = concat_all_gather(packed.contiguous())
-        index, packed = _keep_last_occurrence(index, packed)
+        if synchronize and is_distributed():
+            index = concat_all_gather(index)
+            packed = concat_all_gather(packed)
+        index, packed = keep_last_occurrence(index, packed)
         index = index.to(self.device)
         packed = packed.to(self.device)
         for k, name in enumerate(names):
@@ -220,7 +237,7 @@ class PerSampleState(nn.Module):
         return f"num_samples={self.num_samples}, tables={self.names}"
 
 
-def _keep_last_occurrence(index: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
+def keep_last_occurrence(index: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
     """Makes every occurrence of a repeated index carry the rows of its last occurrence.
 
     After this, a scatter with duplicate indices writes identical values whatever order the
@@ -238,24 +255,3 @@ def _keep_last_occurrence(index: Tensor, packed: Tensor) -> tuple[Tensor, Tensor
         0, run_id, position, reduce="amax", include_self=False
     )
     return sorted_index, packed[order[last_in_run[run_id]]]
-
-
-def concat_all_gather(x: Tensor) -> Tensor:
-    """All ranks' ``x`` concatenated along dim 0, without autograd (for indices and state rows).
-
-    The same as ``lightly.models.utils.concat_all_gather``; that module imports torchvision,
-    which costs seconds in every process that only needs the losses.
-    """
-    output = [torch.empty_like(x) for _ in range(dist.world_size())]
-    torch_dist.all_gather(output, x)
-    return torch.cat(output, dim=0)
-
-
-def require_distributed(gather_distributed: bool) -> None:
-    """Lightly's check: gathering needs a torch build with distributed support."""
-    if gather_distributed and not torch_dist.is_available():
-        raise ValueError(
-            "gather_distributed is True but torch.distributed is not available. "
-            "Please set gather_distributed=False or install a torch version with "
-            "distributed support."
-        )

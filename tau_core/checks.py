@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from torch import Tensor
 
@@ -51,3 +52,26 @@ def check_pair_features(name0: str, out0: Tensor, name1: str, out1: Tensor) -> N
             f"{name0} and {name1} must have the same shape, got {tuple(out0.shape)} and "
             f"{tuple(out1.shape)}."
         )
+
+
+def pair_features_problem(name0: str, out0: Tensor, name1: str, out1: Tensor) -> Optional[str]:
+    """What :func:`check_pair_features` would raise, as a message (None when the pair is fine)."""
+    try:
+        check_pair_features(name0, out0, name1, out1)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def check_optional_epochs(name: str, value: Optional[int]) -> Optional[int]:
+    """``value`` if it is None or an integer >= 1, else a ``ValueError`` naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
+    return value
+
+
+def check_flag(name: str, value: bool) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value

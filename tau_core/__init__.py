@@ -1,0 +1,75 @@
+"""The torch-only core of lightly-tau: per-sample state, the block math, temperature rules, bases.
+
+Both adapters (``lightly_tau`` for Lightly, ``openclip_tau`` for OpenCLIP) import only the names
+listed here. Nothing in this package imports anything but torch.
+"""
+
+from tau_core.checks import (
+    check_flag,
+    check_number,
+    check_optional_epochs,
+    check_pair_features,
+    check_temperature_range,
+)
+from tau_core.distributed import (
+    all_reduce_max,
+    concat_all_gather,
+    gather_with_grad,
+    is_distributed,
+    rank,
+    world_size,
+)
+from tau_core.functional import (
+    cosine_gamma,
+    dystress_rows,
+    dystress_temperature,
+    global_contrastive_rows,
+    temperature_step,
+    weighted_similarity_sum,
+    with_value,
+)
+from tau_core.losses import (
+    DYSTRESS_MONOTONE_RATIO,
+    DYSTRESS_RANKING_RATIO,
+    AnchorBlock,
+    ContrastiveLoss,
+    DySTreSSBase,
+    GlobalContrastiveLoss,
+    normalized_float32,
+    temperature_stats,
+)
+from tau_core.state import PerSampleState
+from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
+
+__all__ = [
+    "DYSTRESS_MONOTONE_RATIO",
+    "DYSTRESS_RANKING_RATIO",
+    "AnchorBlock",
+    "ContrastiveLoss",
+    "DySTreSSBase",
+    "FixedTemperature",
+    "GlobalContrastiveLoss",
+    "LearnedTemperature",
+    "PerSampleState",
+    "TemperatureRule",
+    "all_reduce_max",
+    "check_flag",
+    "check_number",
+    "check_optional_epochs",
+    "check_pair_features",
+    "check_temperature_range",
+    "concat_all_gather",
+    "cosine_gamma",
+    "dystress_rows",
+    "dystress_temperature",
+    "gather_with_grad",
+    "global_contrastive_rows",
+    "is_distributed",
+    "normalized_float32",
+    "rank",
+    "temperature_stats",
+    "temperature_step",
+    "weighted_similarity_sum",
+    "with_value",
+    "world_size",
+]

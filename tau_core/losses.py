@@ -1,0 +1,475 @@
+"""The loss bases: checks, statistics, epochs and the one global-contrastive forward.
+
+An adapter (``lightly_tau``, ``openclip_tau``) says only how its features become similarity blocks
+(:class:`AnchorBlock`: anchors against candidates) and what its ``forward`` signature is; everything
+else is here, once:
+
+- the batch checks, agreed by all ranks before anything changes (a rank with NaN features or a bad
+  index makes every rank raise, instead of leaving the others in a gather forever);
+- when the per-sample state is written: in training mode, with gradients enabled and features that
+  require them (Lightly's rule), and then on every rank whenever a process group of several ranks
+  exists, whatever ``gather_distributed`` says (that flag chooses only the negatives);
+- ``set_epoch``, ``stats`` (computed when read, so a step pays nothing for statistics nobody reads)
+  and warnings for likely mistakes (class labels passed as indices, a gamma schedule without
+  ``set_epoch``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from tau_core.checks import (
+    check_number,
+    check_optional_epochs,
+    check_temperature_range,
+    pair_features_problem,
+)
+from tau_core.distributed import all_reduce_max, is_distributed, raise_agreed
+from tau_core.functional import (
+    cosine_gamma,
+    dystress_rows,
+    global_contrastive_rows,
+    weighted_similarity_sum,
+    with_value,
+)
+from tau_core.state import PerSampleState
+from tau_core.temperature import TemperatureRule
+
+IndexLike = Union[Tensor, Sequence[int]]
+
+# tau_max / tau_min above which s / tau(s) stops increasing in s (about 4.5), and above which a
+# negative near s = 0.23 outranks a perfect positive (about 8.2); see ALGORITHMS.md.
+DYSTRESS_MONOTONE_RATIO = 4.5
+DYSTRESS_RANKING_RATIO = 8.2
+
+# Labels passed as indices: warn once the samples seen outnumber the index range this many times
+# while that range is below this fraction of num_samples.
+LABELS_AS_INDEX_REPEATS = 4
+LABELS_AS_INDEX_FRACTION = 0.1
+
+
+def temperature_stats(tau: Tensor, prefix: str = "tau") -> dict[str, Tensor]:
+    """Mean, spread and quantiles of a batch of temperatures, as detached 0-d tensors."""
+    tau = tau.detach().float().flatten()
+    q = torch.quantile(tau, torch.tensor([0.1, 0.5, 0.9], device=tau.device))
+    return {
+        f"{prefix}_mean": tau.mean(),
+        f"{prefix}_std": tau.std(unbiased=False),
+        f"{prefix}_min": tau.min(),
+        f"{prefix}_p10": q[0],
+        f"{prefix}_p50": q[1],
+        f"{prefix}_p90": q[2],
+        f"{prefix}_max": tau.max(),
+    }
+
+
+def normalized_float32(out: Tensor) -> Tensor:
+    """L2-normalised float32 features: the similarity and temperature math never runs in bf16."""
+    return torch.nn.functional.normalize(out.float(), dim=1)
+
+
+@dataclass
+class AnchorBlock:
+    """One block of anchors against candidates, as an adapter builds it.
+
+    Attributes:
+        sim: (rows, cols) cosine similarities, float32, with autograd history.
+        pos_col: (rows,) column of each row's positive.
+        self_col: (rows,) the row's own column (left out of its negatives), or None.
+        suffix: Table suffix of this anchor role ("" unimodal, "_image", "_text").
+        views: Rows per sample: ``rows = views * batch_size`` and rows ``k * b + i`` belong to
+            sample ``i`` of the local batch for every view ``k`` (SimCLR's two views: 2).
+        anchors: (rows, dim) the anchors' normalised features (for rules that read them), or None.
+    """
+
+    sim: Tensor
+    pos_col: Tensor
+    self_col: Optional[Tensor]
+    suffix: str = ""
+    views: int = 1
+    anchors: Optional[Tensor] = None
+
+
+class ContrastiveLoss(nn.Module):
+    """What every loss of this package shares: checks, ``set_epoch``, ``stats``.
+
+    Subclasses call :meth:`check_batch` first in their forward, and :meth:`set_stats` with the
+    step's statistics (tensors, or temperature tensors summarised when ``stats`` is read).
+    """
+
+    #: Whether the loss keeps per-sample state and therefore needs ``index``.
+    needs_index = False
+
+    def __init__(self, gather_distributed: bool = False) -> None:
+        super().__init__()
+        if not isinstance(gather_distributed, bool):
+            raise ValueError(
+                f"gather_distributed must be True or False, got {gather_distributed!r}."
+            )
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed is True but torch.distributed is not available. "
+                "Please set gather_distributed=False or install a torch version with "
+                "distributed support."
+            )
+        self.gather_distributed = gather_distributed
+        self.epoch = 0
+        self._epoch_set = False
+        self._stats_values: dict[str, Tensor] = {}
+        self._stats_temperatures: dict[str, Tensor] = {}
+        self._stats_cache: Optional[dict[str, Tensor]] = None
+
+    # ------------------------------------------------------------- epochs, stats
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the current epoch (0-based); call it at the start of every epoch.
+
+        Losses whose settings follow a schedule (gamma's cosine decay) read it; for the others it
+        is recorded only, so every loss can be driven the same way.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}.")
+        self.epoch = epoch
+        self._epoch_set = True
+
+    @property
+    def stats(self) -> dict[str, Tensor]:
+        """Statistics of the last call, as detached 0-d tensors (computed when first read).
+
+        ``objective`` (the returned loss value) and, where temperatures exist, ``tau_mean``,
+        ``tau_std``, ``tau_min``, ``tau_p10``, ``tau_p50``, ``tau_p90``, ``tau_max`` (image-text
+        losses also per role: ``tau_image_*``, ``tau_text_*``).
+        """
+        if self._stats_cache is None:
+            stats = dict(self._stats_values)
+            for prefix, tau in self._stats_temperatures.items():
+                stats.update(temperature_stats(tau, prefix))
+            self._stats_cache = stats
+        return dict(self._stats_cache)
+
+    def set_stats(
+        self, values: Mapping[str, Tensor], temperatures: Mapping[str, Tensor] = {}
+    ) -> None:
+        self._stats_values = {k: v.detach() for k, v in values.items()}
+        self._stats_temperatures = {k: v.detach() for k, v in temperatures.items()}
+        self._stats_cache = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+        self._epoch_set = self._epoch_set or "epoch" in state
+
+    # ------------------------------------------------------------- checks
+    def writes_state(self, *features: Tensor) -> bool:
+        """Whether this call may change per-sample state: training mode, gradients enabled, and
+        features that require them (a validation pass under ``no_grad`` or in ``eval()`` reads)."""
+        return (
+            self.needs_index
+            and self.training
+            and torch.is_grad_enabled()
+            and any(f.requires_grad for f in features)
+        )
+
+    def check_batch(
+        self,
+        names: tuple[str, str],
+        features: tuple[Tensor, Tensor],
+        index: Optional[IndexLike],
+        collective: bool,
+    ) -> Optional[Tensor]:
+        """Checks the features (and the index of a stateful loss); returns the index as int64.
+
+        Raises a ``ValueError`` naming the problem. With ``collective`` (the step gathers or
+        writes across ranks) every rank learns every rank's verdict through one small all-reduce,
+        so all of them raise together; no state has been changed at that point.
+        """
+        out0, out1 = features
+        problem = pair_features_problem(names[0], out0, names[1], out1)
+        checked: Optional[Tensor] = None
+        state: Optional[PerSampleState] = getattr(self, "state", None)
+        if problem is None and self.needs_index:
+            if index is None:
+                problem = (
+                    f"{type(self).__name__} keeps per-sample state and needs index=: the dataset "
+                    "index of each sample in the batch (see IndexedDataset)."
+                )
+            else:
+                checked, problem = state.index_problem(index, out0.shape[0])
+        if problem is None:
+            device = out0.device
+            flags = [torch.zeros((), dtype=torch.long, device=device)]
+            flags += [(~torch.isfinite(f).all()).to(device, torch.long) for f in features]
+            if checked is not None:
+                checked = checked.to(device)
+                flags += [-checked.min(), checked.max()]
+        else:
+            device = out0.device if isinstance(out0, Tensor) else torch.device("cpu")
+            flags = [torch.ones((), dtype=torch.long, device=device)]
+            flags += [torch.zeros((), dtype=torch.long, device=device)] * (
+                4 if self.needs_index else 2
+            )
+        values = torch.stack(flags)
+        if collective:
+            values = all_reduce_max(values)
+        failed, *values_list = values.tolist()
+        if failed:
+            if collective:
+                raise_agreed(problem)
+            raise ValueError(problem)
+        where = " on at least one rank" if collective else ""
+        unchanged = "; the state was not changed" if self.needs_index else ""
+        for name, bad in zip(names, values_list[:2]):
+            if bad:
+                raise ValueError(f"{name} contains NaN or Inf values{where}{unchanged}.")
+        if checked is not None:
+            low, high = -values_list[2], values_list[3]
+            problem = state.range_problem(low, high)
+            if problem:
+                raise ValueError(problem + (where and f" (seen{where})"))
+            self._index_high = max(getattr(self, "_index_high", -1), high)
+        return checked
+
+
+class GlobalContrastiveLoss(ContrastiveLoss):
+    """The global contrastive loss with per-sample moving averages, for any temperature rule.
+
+    Implements SogCLR's and iSogCLR's step (see :func:`tau_core.global_contrastive_rows`) for the
+    blocks an adapter builds with :meth:`anchor_blocks`; ``rule`` (:class:`FixedTemperature`,
+    :class:`LearnedTemperature`) decides the temperature and the tables kept per sample.
+
+    Args:
+        num_samples: Number of samples in the dataset (size of the per-sample tables).
+        rule: The temperature rule.
+        gamma: Weight of the batch estimate in the moving average, in (0, 1].
+        gamma_decay_epochs: If set, gamma decays from 1.0 at epoch 0 to ``gamma`` at this epoch.
+        gather_distributed: If True, negatives are gathered from all processes.
+        suffixes: Table suffix of each anchor role.
+    """
+
+    needs_index = True
+
+    def __init__(
+        self,
+        num_samples: int,
+        rule: TemperatureRule,
+        gamma: float,
+        gamma_decay_epochs: Optional[int],
+        gather_distributed: bool,
+        suffixes: Sequence[str] = ("",),
+    ) -> None:
+        super().__init__(gather_distributed)
+        if num_samples is None:
+            raise ValueError(
+                f"{type(self).__name__} keeps a state per sample and needs num_samples=, the "
+                "number of samples in the training set (e.g. num_samples=len(dataset))."
+            )
+        if isinstance(num_samples, float):
+            raise ValueError(
+                f"num_samples must be a positive integer (the number of samples in the training "
+                f"set), got {num_samples!r}. The first argument of {type(self).__name__} is "
+                "num_samples; pass every other setting by keyword (e.g. temperature=0.2)."
+            )
+        self.settings = rule
+        self.gamma = check_number("gamma", gamma, 0.0, 1.0, low_open=True)
+        self.gamma_decay_epochs = check_optional_epochs("gamma_decay_epochs", gamma_decay_epochs)
+        tables = {
+            name + suffix: value
+            for suffix in suffixes
+            for name, value in rule.initial_values().items()
+        }
+        self.state = PerSampleState(num_samples, tables)
+        self._samples_seen = 0
+        self._index_high = -1
+        self._warned: set[str] = set()
+
+    @property
+    def num_samples(self) -> int:
+        return self.state.num_samples
+
+    @property
+    def rho(self) -> float:
+        """KL radius of the robust objective (0 for SogCLR)."""
+        return self.settings.rho
+
+    @property
+    def current_gamma(self) -> float:
+        """The moving-average weight used at the current epoch."""
+        if self.gamma_decay_epochs is None:
+            return self.gamma
+        return cosine_gamma(self.epoch, self.gamma, self.gamma_decay_epochs)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # The epoch (this module's extra state) is loaded before the tables (a child module):
+        # check the tables first so that a checkpoint of another size changes nothing.
+        self.state.check_loadable(state_dict, prefix + "state.")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    # ------------------------------------------------------------- adapter hooks
+    def gathers(self) -> bool:
+        """Whether the blocks use other ranks' features (a collective in every forward)."""
+        return self.gather_distributed and is_distributed()
+
+    def anchor_blocks(self, out0: Tensor, out1: Tensor) -> list[AnchorBlock]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- the forward, once
+    def global_contrastive_loss(
+        self, names: tuple[str, str], out0: Tensor, out1: Tensor, index: Optional[IndexLike]
+    ) -> Tensor:
+        """Checks, blocks, state rows, the block math, the state write and the statistics.
+
+        Returns a scalar whose value is the objective estimate (mean over anchors and roles) and
+        whose gradient is the surrogate's.
+        """
+        writes = self.writes_state(out0, out1)
+        collective = is_distributed() and (writes or self.gathers())
+        index = self.check_batch(names, (out0, out1), index, collective)
+        blocks = self.anchor_blocks(out0, out1)
+        rows = self.state.read(index, device=blocks[0].sim.device)
+        gamma = self.current_gamma
+        b = index.numel()
+        surrogate = objective = blocks[0].sim.new_zeros(())
+        new_rows: dict[str, Tensor] = {}
+        temperatures: dict[str, Tensor] = {}
+        for block in blocks:
+            v = block.views
+            tau = self.settings.row_temperature(rows, block.suffix, block.anchors)
+            result = global_contrastive_rows(
+                block.sim.detach(),
+                block.pos_col,
+                block.self_col,
+                tau.repeat(v),
+                rows["log_u" + block.suffix].repeat(v),
+                gamma=gamma,
+                rho=self.settings.rho,
+                need_grad_tau=self.settings.learns,
+            )
+            scale = result.num_negatives * block.sim.shape[0] * len(blocks)
+            surrogate = surrogate + weighted_similarity_sum(block.sim, result.coef) / scale
+            objective = objective + result.objective.mean() / len(blocks)
+            # The views of a sample share its state: the moving average of u is the mean of the
+            # views' u (a log-mean-exp in log space), the temperature gradient their mean.
+            log_u, grad_tau = result.log_u, result.grad_tau
+            if v > 1:
+                log_u = torch.logsumexp(log_u.view(v, b), dim=0) - math.log(v)
+                grad_tau = grad_tau.view(v, b).mean(dim=0)
+            role_rows = self.settings.next_rows(rows, log_u, grad_tau, block.suffix)
+            new_rows.update(role_rows)
+            temperatures["tau" + block.suffix] = role_rows.get("tau" + block.suffix, tau)
+        if writes:
+            self.state.write(index, new_rows)
+            self._after_write(b)
+        if len(blocks) > 1:
+            temperatures = {"tau": torch.cat(list(temperatures.values())), **temperatures}
+        self.set_stats({"objective": objective, "surrogate": surrogate}, temperatures)
+        return with_value(surrogate, objective)
+
+    # ------------------------------------------------------------- warnings
+    def _after_write(self, local_batch: int) -> None:
+        self._samples_seen += local_batch * (
+            torch.distributed.get_world_size() if is_distributed() else 1
+        )
+        seen, high, n = self._samples_seen, self._index_high, self.num_samples
+        if (
+            "labels" not in self._warned
+            and seen > LABELS_AS_INDEX_REPEATS * (high + 1)
+            and high + 1 <= LABELS_AS_INDEX_FRACTION * n
+        ):
+            self._warned.add("labels")
+            warnings.warn(
+                f"{type(self).__name__}: over {seen} samples every index was below {high + 1}, "
+                f"while num_samples={n}. Is the index the dataset index of each sample (e.g. "
+                "batch[-1] of an IndexedDataset) and not its class label? Training on a small "
+                "part of a large table on purpose is fine; then ignore this warning.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if (
+            "epoch" not in self._warned
+            and self.gamma_decay_epochs is not None
+            and not self._epoch_set
+            and seen > 2 * n
+        ):
+            self._warned.add("epoch")
+            warnings.warn(
+                f"{type(self).__name__}: gamma_decay_epochs={self.gamma_decay_epochs} is set but "
+                f"set_epoch was never called after {seen} samples (more than two epochs of "
+                f"num_samples={n}), so gamma stays at its epoch-0 value 1.0. Call "
+                "loss.set_epoch(epoch) at the start of every epoch.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+class DySTreSSBase(ContrastiveLoss):
+    """Cross-entropy of ``sim / tau(sim)`` over an adapter's blocks (stateless)."""
+
+    def __init__(self, tau_min: float, tau_max: float, gather_distributed: bool) -> None:
+        super().__init__(gather_distributed)
+        self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
+        warn_wide_dystress_range(self.tau_min, self.tau_max)
+
+    def gathers(self) -> bool:
+        return self.gather_distributed and is_distributed()
+
+    def anchor_blocks(self, out0: Tensor, out1: Tensor) -> list[AnchorBlock]:
+        raise NotImplementedError
+
+    def dystress_loss(
+        self, names: tuple[str, str], out0: Tensor, out1: Tensor, index: Optional[IndexLike]
+    ) -> Tensor:
+        """Mean over blocks of the mean cross-entropy of each block's rows (``index`` unused)."""
+        self.check_batch(names, (out0, out1), None, is_distributed() and self.gathers())
+        blocks = self.anchor_blocks(out0, out1)
+        loss = blocks[0].sim.new_zeros(())
+        tau_pos = tau_neg = tau_all = 0.0
+        for block in blocks:
+            rows = block.sim.shape[0]
+            result = dystress_rows(
+                block.sim.detach(), block.pos_col, block.self_col, self.tau_min, self.tau_max
+            )
+            block_loss = with_value(
+                weighted_similarity_sum(block.sim, result.coef) / rows, result.loss.mean()
+            )
+            loss = loss + block_loss / len(blocks)
+            pos_sum = result.tau_positive.sum()
+            neg_sum = result.tau_negative_sum.sum()
+            tau_pos = tau_pos + pos_sum / (rows * len(blocks))
+            tau_neg = tau_neg + neg_sum / (rows * max(result.num_negatives, 1) * len(blocks))
+            tau_all = tau_all + (pos_sum + neg_sum) / (
+                rows * (result.num_negatives + 1) * len(blocks)
+            )
+        self.set_stats(
+            {
+                "objective": loss,
+                "tau_mean": tau_all,
+                "tau_positive_mean": tau_pos,
+                "tau_negative_mean": tau_neg,
+            }
+        )
+        return loss
+
+
+def warn_wide_dystress_range(tau_min: float, tau_max: float) -> None:
+    """Warns when ``tau_max / tau_min`` lets some negatives outrank closer pairs."""
+    ratio = tau_max / tau_min
+    if ratio > DYSTRESS_MONOTONE_RATIO:
+        severity = (
+            "a negative at similarity near 0.23 now outranks a perfect positive"
+            if ratio > DYSTRESS_RANKING_RATIO
+            else "s / tau(s) is no longer increasing in s, so some negatives outrank closer ones"
+        )
+        warnings.warn(
+            f"DySTreSS temperature range tau_max / tau_min = {ratio:.2f} exceeds "
+            f"{DYSTRESS_MONOTONE_RATIO}: {severity}. Keep tau_max / tau_min below "
+            f"{DYSTRESS_MONOTONE_RATIO}.",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,97 @@
+"""Temperature rules: what a global contrastive loss keeps per sample and how its temperature moves.
+
+A rule tells :class:`tau_core.GlobalContrastiveLoss` which per-sample tables an anchor role keeps,
+the temperature of a batch's rows, and the next values of those rows. Tables of an anchor role are
+named ``<table><suffix>``: suffix ``""`` for the unimodal losses, ``"_image"`` and ``"_text"`` for
+the image-text ones. SogCLR and iSogCLR differ only in their rule; the forward is written once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from tau_core.checks import check_number, check_temperature_range
+from tau_core.functional import temperature_step
+
+
+class FixedTemperature:
+    """SogCLR's temperature: one global value; per sample only ``log(u)`` is kept."""
+
+    learns = False
+    rho = 0.0
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = check_number("temperature", temperature, 0.0, low_open=True)
+
+    def initial_values(self) -> dict[str, float]:
+        """Per-sample tables of an anchor role and their initial values."""
+        return {"log_u": -math.inf}
+
+    def row_temperature(
+        self, rows: dict[str, Tensor], suffix: str = "", anchors: Optional[Tensor] = None
+    ) -> Tensor:
+        return torch.full_like(rows["log_u" + suffix], self.temperature)
+
+    def next_rows(
+        self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
+    ) -> dict[str, Tensor]:
+        return {"log_u" + suffix: log_u}
+
+
+class LearnedTemperature:
+    """iSogCLR's temperature: one per sample, learned by a momentum step (validated settings).
+
+    Same interface as :class:`FixedTemperature`; per sample it keeps ``log(u)``, ``tau`` and the
+    momentum.
+    """
+
+    learns = True
+
+    def __init__(
+        self,
+        rho: float,
+        tau_init: float,
+        tau_min: float,
+        tau_max: float,
+        eta: float,
+        beta: float,
+        tau_grad_clip: float,
+    ) -> None:
+        self.rho = check_number("rho", rho, 0.0)
+        self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
+        self.tau_init = check_number("tau_init", tau_init, self.tau_min, self.tau_max)
+        self.eta = check_number("eta", eta, 0.0)
+        self.beta = check_number("beta", beta, 0.0, 1.0, low_open=True)
+        self.tau_grad_clip = check_number("tau_grad_clip", tau_grad_clip, 0.0, low_open=True)
+
+    def initial_values(self) -> dict[str, float]:
+        """Per-sample tables of an anchor role and their initial values."""
+        return {"log_u": -math.inf, "tau": self.tau_init, "momentum": 0.0}
+
+    def row_temperature(
+        self, rows: dict[str, Tensor], suffix: str = "", anchors: Optional[Tensor] = None
+    ) -> Tensor:
+        return rows["tau" + suffix]
+
+    def next_rows(
+        self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
+    ) -> dict[str, Tensor]:
+        """The new ``log(u)``, ``tau`` and momentum rows (see :func:`temperature_step`)."""
+        tau, momentum = temperature_step(
+            rows["tau" + suffix],
+            rows["momentum" + suffix],
+            grad_tau,
+            self.eta,
+            self.beta,
+            self.tau_grad_clip,
+            self.tau_min,
+            self.tau_max,
+        )
+        return {"log_u" + suffix: log_u, "tau" + suffix: tau, "momentum" + suffix: momentum}
+
+
+TemperatureRule = Union[FixedTemperature, LearnedTemperature]
