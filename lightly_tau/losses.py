@@ -128,6 +128,7 @@ class SogCLRLoss(_UnimodalGlobalLoss):
         gamma: float = 0.9,
         gamma_decay_epochs: Optional[int] = None,
         gather_distributed: bool = False,
+        state_layout: str = "replicated",
     ) -> None:
         super().__init__(
             num_samples,
@@ -135,6 +136,7 @@ class SogCLRLoss(_UnimodalGlobalLoss):
             gamma,
             gamma_decay_epochs,
             gather_distributed,
+            state_layout=state_layout,
         )
 
     @property
@@ -213,6 +215,7 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
         gamma_decay_epochs: Optional[int] = None,
         tau_grad_clip: float = 3.0,
         gather_distributed: bool = False,
+        state_layout: str = "replicated",
     ) -> None:
         super().__init__(
             num_samples,
@@ -220,6 +223,7 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
             gamma,
             gamma_decay_epochs,
             gather_distributed,
+            state_layout=state_layout,
         )
 
     @property

@@ -143,10 +143,13 @@ class _GlobalContrastiveClipLoss(_ClipMixin, GlobalContrastiveLoss):
         gather_with_grad: bool,
         rank: int,
         world_size: int,
+        state_layout: str,
     ) -> None:
         self._init_distributed(rank, world_size, local_loss, gather_with_grad)
         suffixes = tuple(f"_{role}" for role in ROLES)
-        super().__init__(num_samples, rule, gamma, gamma_decay_epochs, world_size > 1, suffixes)
+        super().__init__(
+            num_samples, rule, gamma, gamma_decay_epochs, world_size > 1, suffixes, state_layout
+        )
 
     def forward(
         self,
@@ -223,6 +226,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
         gather_with_grad: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        state_layout: str = "replicated",
     ) -> None:
         super().__init__(
             num_samples,
@@ -233,6 +237,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
             gather_with_grad,
             rank,
             world_size,
+            state_layout,
         )
 
     @property
@@ -310,6 +315,7 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
         gather_with_grad: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        state_layout: str = "replicated",
     ) -> None:
         super().__init__(
             num_samples,
@@ -320,6 +326,7 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
             gather_with_grad,
             rank,
             world_size,
+            state_layout,
         )
 
     @property

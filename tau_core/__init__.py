@@ -38,7 +38,7 @@ from tau_core.losses import (
     normalized_float32,
     temperature_stats,
 )
-from tau_core.state import PerSampleState
+from tau_core.state import STATE_LAYOUTS, PerSampleState, make_state
 from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
 
 __all__ = [
@@ -51,6 +51,8 @@ __all__ = [
     "GlobalContrastiveLoss",
     "LearnedTemperature",
     "PerSampleState",
+    "STATE_LAYOUTS",
+    "make_state",
     "TemperatureRule",
     "all_reduce_max",
     "check_flag",

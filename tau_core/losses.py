@@ -38,7 +38,7 @@ from tau_core.functional import (
     weighted_similarity_sum,
     with_value,
 )
-from tau_core.state import PerSampleState
+from tau_core.state import PerSampleState, make_state
 from tau_core.temperature import TemperatureRule
 
 IndexLike = Union[Tensor, Sequence[int]]
@@ -251,6 +251,8 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         gamma_decay_epochs: If set, gamma decays from 1.0 at epoch 0 to ``gamma`` at this epoch.
         gather_distributed: If True, negatives are gathered from all processes.
         suffixes: Table suffix of each anchor role.
+        state_layout: How the per-sample tables are stored across ranks (see
+            :func:`tau_core.make_state`). Default "replicated" (every rank holds every row).
     """
 
     needs_index = True
@@ -263,6 +265,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         gamma_decay_epochs: Optional[int],
         gather_distributed: bool,
         suffixes: Sequence[str] = ("",),
+        state_layout: str = "replicated",
     ) -> None:
         super().__init__(gather_distributed)
         if num_samples is None:
@@ -284,7 +287,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             for suffix in suffixes
             for name, value in rule.initial_values().items()
         }
-        self.state = PerSampleState(num_samples, tables)
+        self.state = make_state(state_layout, num_samples, tables)
         self._samples_seen = 0
         self._index_high = -1
         self._warned: set[str] = set()
@@ -338,37 +341,46 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         surrogate = objective = blocks[0].sim.new_zeros(())
         new_rows: dict[str, Tensor] = {}
         temperatures: dict[str, Tensor] = {}
+        rule = self.settings
+        temperature_term = blocks[0].sim.new_zeros(())
         for block in blocks:
             v = block.views
-            tau = self.settings.row_temperature(rows, block.suffix, block.anchors)
+            tau_rows = rule.block_temperature(rows, block.suffix, v, block.anchors)
             result = global_contrastive_rows(
                 block.sim.detach(),
                 block.pos_col,
                 block.self_col,
-                tau.repeat(v),
+                tau_rows.detach(),
                 rows["log_u" + block.suffix].repeat(v),
                 gamma=gamma,
-                rho=self.settings.rho,
-                need_grad_tau=self.settings.learns,
+                rho=rule.rho,
+                need_grad_tau=rule.learns or rule.trains_temperature,
             )
             scale = result.num_negatives * block.sim.shape[0] * len(blocks)
             surrogate = surrogate + weighted_similarity_sum(block.sim, result.coef) / scale
             objective = objective + result.objective.mean() / len(blocks)
+            if rule.trains_temperature:
+                # d/dtau of the robust objective, pushed through tau's parameters by autograd.
+                temperature_term = temperature_term + (tau_rows * result.grad_tau).mean() / len(
+                    blocks
+                )
             # The views of a sample share its state: the moving average of u is the mean of the
             # views' u (a log-mean-exp in log space), the temperature gradient their mean.
             log_u, grad_tau = result.log_u, result.grad_tau
             if v > 1:
                 log_u = torch.logsumexp(log_u.view(v, b), dim=0) - math.log(v)
                 grad_tau = grad_tau.view(v, b).mean(dim=0)
-            role_rows = self.settings.next_rows(rows, log_u, grad_tau, block.suffix)
+            role_rows = rule.next_rows(rows, log_u, grad_tau, block.suffix)
             new_rows.update(role_rows)
-            temperatures["tau" + block.suffix] = role_rows.get("tau" + block.suffix, tau)
+            temperatures["tau" + block.suffix] = role_rows.get("tau" + block.suffix, tau_rows)
         if writes:
             self.state.write(index, new_rows)
             self._after_write(b)
         if len(blocks) > 1:
             temperatures = {"tau": torch.cat(list(temperatures.values())), **temperatures}
         self.set_stats({"objective": objective, "surrogate": surrogate}, temperatures)
+        if rule.trains_temperature:
+            return with_value(surrogate + temperature_term, objective)
         return with_value(surrogate, objective)
 
     # ------------------------------------------------------------- warnings

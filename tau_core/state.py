@@ -255,3 +255,18 @@ def keep_last_occurrence(index: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]
         0, run_id, position, reduce="amax", include_self=False
     )
     return sorted_index, packed[order[last_in_run[run_id]]]
+
+
+STATE_LAYOUTS = ("replicated",)
+
+
+def make_state(
+    layout: str, num_samples: int, initial_values: Mapping[str, float]
+) -> PerSampleState:
+    """The per-sample state of a loss in the chosen layout.
+
+    ``"replicated"``: every rank holds every row (:class:`PerSampleState`), the default.
+    """
+    if layout == "replicated":
+        return PerSampleState(num_samples, initial_values)
+    raise ValueError(f"state_layout must be one of {list(STATE_LAYOUTS)}, got {layout!r}.")

@@ -1,7 +1,11 @@
 """Temperature rules: what a global contrastive loss keeps per sample and how its temperature moves.
 
 A rule tells :class:`tau_core.GlobalContrastiveLoss` which per-sample tables an anchor role keeps,
-the temperature of a batch's rows, and the next values of those rows. Tables of an anchor role are
+the temperature of a block's rows (:meth:`block_temperature`), and the next values of those rows.
+A rule whose temperature is trained by autograd (a learned global temperature, a temperature
+network) sets ``trains_temperature``: the loss then adds ``mean_i tau_i * [grad_tau_i]_detached``
+to the gradient (not the value), so the temperature's parameters receive the robust objective's
+temperature gradient ``grad_tau_i`` pushed through ``tau_i`` by the chain rule. Tables of an anchor role are
 named ``<table><suffix>``: suffix ``""`` for the unimodal losses, ``"_image"`` and ``"_text"`` for
 the image-text ones. SogCLR and iSogCLR differ only in their rule; the forward is written once.
 """
@@ -22,6 +26,7 @@ class FixedTemperature:
     """SogCLR's temperature: one global value; per sample only ``log(u)`` is kept."""
 
     learns = False
+    trains_temperature = False
     rho = 0.0
 
     def __init__(self, temperature: float) -> None:
@@ -31,10 +36,11 @@ class FixedTemperature:
         """Per-sample tables of an anchor role and their initial values."""
         return {"log_u": -math.inf}
 
-    def row_temperature(
-        self, rows: dict[str, Tensor], suffix: str = "", anchors: Optional[Tensor] = None
+    def block_temperature(
+        self, rows: dict[str, Tensor], suffix: str, views: int, anchors: Optional[Tensor]
     ) -> Tensor:
-        return torch.full_like(rows["log_u" + suffix], self.temperature)
+        """Temperature of each row of a block (``views`` rows per sample)."""
+        return torch.full_like(rows["log_u" + suffix], self.temperature).repeat(views)
 
     def next_rows(
         self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
@@ -50,6 +56,7 @@ class LearnedTemperature:
     """
 
     learns = True
+    trains_temperature = False
 
     def __init__(
         self,
@@ -72,10 +79,11 @@ class LearnedTemperature:
         """Per-sample tables of an anchor role and their initial values."""
         return {"log_u": -math.inf, "tau": self.tau_init, "momentum": 0.0}
 
-    def row_temperature(
-        self, rows: dict[str, Tensor], suffix: str = "", anchors: Optional[Tensor] = None
+    def block_temperature(
+        self, rows: dict[str, Tensor], suffix: str, views: int, anchors: Optional[Tensor]
     ) -> Tensor:
-        return rows["tau" + suffix]
+        """Temperature of each row of a block: the sample's (shared by its views)."""
+        return rows["tau" + suffix].repeat(views)
 
     def next_rows(
         self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
