@@ -6,9 +6,14 @@ index of each pair, so the training set is built by upstream's own functions wit
 names in ``open_clip_train.data`` swapped while it is built (:func:`indexed_train_data`):
 
 - webdataset: ``to_tuple("image", "text")`` also keeps ``__key__`` and ``__url__``, and the
-  time-seeded sample shuffle becomes one seeded by (seed, epoch, rank, worker), so a resumed run
-  sees the same samples in the same order as one that was not interrupted;
-- csv: the dataset also returns the row number; synthetic: the item number.
+  time-seeded sample shuffle becomes one seeded by (seed, epoch, rank, worker); with
+  ``--dataset-resampled`` the shard sampler is seeded the same way (upstream seeds it from the
+  DataLoader's worker seed, which depends on how many epochs this process has run), so a resumed
+  run sees the same samples in the same order as one that was not interrupted, with any number
+  of data workers;
+- csv: the dataset also returns the row number; synthetic: the item number. Under torchrun the
+  ``DistributedSampler`` gets ``seed=--seed`` (upstream leaves it at 0), so the order follows
+  ``--seed`` in one process and in several.
 
 :class:`IndexedLoader` then maps each batch's keys (or row numbers) to table indices in the main
 process, hands them to a callback, and yields ``(images, texts)`` as upstream expects.
@@ -20,6 +25,7 @@ Also here: the webdataset 1.0.2 end-of-shard fix for ``open_clip_train``'s own s
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -33,6 +39,10 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from openclip_tau.key_index import KeyIndex, MissingKeyError
+
+
+class SampleKeyError(ValueError):
+    """A training sample whose key cannot index the per-sample table (message: key and shard)."""
 
 
 # ------------------------------------------------------------------ webdataset 1.0.2 fix
@@ -91,6 +101,29 @@ class EpochSeededShuffle(wds.PipelineStage):
         if get_worker_info() is not None:
             seed_everything(seed)
         return _shuffle(src, self.bufsize, self.initial, random.Random(seed))
+
+
+class EpochSeededResampledShards(upstream_data.ResampledShards2):
+    """``open_clip_train.data.ResampledShards2`` (shards drawn with replacement) seeded by
+    (seed, epoch, rank, worker).
+
+    Upstream seeds it with the DataLoader worker's seed plus the epoch; that worker seed is drawn
+    from the main process's generator when the (persistent) workers start, i.e. at the first
+    epoch this process runs, so a run resumed at epoch k drew other shards than an uninterrupted
+    one. Here the draw depends on the epoch only.
+    """
+
+    def __init__(self, urls: Any, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(urls, *args, **kwargs)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        # The epoch upstream's __iter__ will use: a SharedEpoch's value, or its integer + 1.
+        epoch = self.epoch.get_value() if hasattr(self.epoch, "get_value") else self.epoch + 1
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        self.rng.seed(derive_seed(self.seed, epoch, rank, worker, 0x5A4D))
+        self.deterministic = False  # seeded above; upstream's own seeding is skipped
+        yield from super().__iter__()
 
 
 # ------------------------------------------------------------------ indexed datasets
@@ -173,6 +206,10 @@ def indexed_train_data(
         CsvDataset=IndexedCsvDataset,
         SyntheticDataset=IndexedSyntheticDataset,
         tarfile_to_samples_nothrow=tarfile_to_samples_nothrow,
+        ResampledShards2=functools.partial(EpochSeededResampledShards, seed=args.seed),
+        DistributedSampler=functools.partial(
+            upstream_data.DistributedSampler, seed=args.seed & 0xFFFFFFFF
+        ),
     ):
         build = upstream_data.get_dataset_fn(args.train_data, args.dataset_type)
         return build(args, preprocess_train, is_train=True, epoch=epoch, tokenizer=tokenizer)
@@ -204,14 +241,14 @@ class SampleIndexer:
                 index = torch.from_numpy(self.key_index.indices(keys))
             except MissingKeyError as err:
                 shard = urls[keys.index(err.key)] if urls else "?"
-                raise MissingKeyError(err.key, f"{err} (shard {shard})") from None
+                raise SampleKeyError(f"{err} (shard {shard})") from None
             return self._checked(index, keys, urls)
         values = []
         for k, key in enumerate(keys):
             try:
                 values.append(int(key))
             except ValueError:
-                raise ValueError(
+                raise SampleKeyError(
                     f"Sample key {key!r} (shard {urls[k] if urls else '?'}) is not an integer, so "
                     "it cannot index the per-sample table directly. Build a key index with "
                     "python -m openclip_tau.key_index --shards <pattern> --output <file> and "
@@ -227,7 +264,7 @@ class SampleIndexer:
             k = int(bad[0])
             key = keys[k] if keys is not None else str(int(index[k]))
             where = f" (shard {urls[k]})" if urls else ""
-            raise ValueError(
+            raise SampleKeyError(
                 f"Sample key {key!r}{where} gives index {int(index[k])}, outside the "
                 f"per-sample table [0, {self.num_samples}). Pass --tau-num-samples larger than "
                 "every key, or a key index built over these shards (--tau-key-index)."

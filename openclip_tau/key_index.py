@@ -16,6 +16,7 @@ so index k can be traced back to its sample (and caption) by reading line k.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tarfile
@@ -153,6 +154,17 @@ class KeyIndex:
     @property
     def keys(self) -> list[str]:
         return [k.decode() for k in self._keys.tolist()]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the keys in index order: equal exactly when every key has the same index.
+
+        Stored in checkpoints, so that resuming with another key index (shards added, removed or
+        reordered) is refused instead of attaching the saved state to other samples.
+        """
+        digest = hashlib.sha256()
+        for key in self._keys.tolist():
+            digest.update(key + b"\n")
+        return "sha256:" + digest.hexdigest()
 
     def indices(self, keys: Iterable[str]) -> np.ndarray:
         """Table index of each key, as int64; raises :class:`MissingKeyError` for an unknown key."""

@@ -17,7 +17,10 @@ names it bound at import replaced for the duration of the run (ECOSYSTEM.md):
   index per pair (:mod:`openclip_tau.data`); the loop still receives ``(images, texts)``;
 - ``create_loss``: builds our loss (``rank``/``world_size`` from upstream's distributed setup)
   and restores its state from the checkpoint given to ``--resume``;
-- ``train_one_epoch``: calls ``set_epoch`` on the loss, then upstream's loop;
+- ``train_one_epoch``: calls ``set_epoch`` on the loss, then upstream's loop with a scheduler
+  that also writes the loss's temperature into the model's ``logit_scale`` before every step;
+  afterwards checks that the loss got every batch's indices and logs the whole table's
+  temperature statistics;
 - ``pt_load`` (to read the loss state of the resumed checkpoint) and, inside the ``torch`` name
   of ``open_clip_train.main`` only, ``save`` (checkpoints also hold ``loss_state_dict``,
   ``loss_name`` and ``loss_options``) and ``nn.parallel.DistributedDataParallel`` (CPU processes
@@ -25,6 +28,21 @@ names it bound at import replaced for the duration of the run (ECOSYSTEM.md):
 
 ``--loss clip`` and ``--loss siglip`` keep upstream's loss and data; they share the fixes above
 (end-of-shard with webdataset 1.0.2, DDP on CPU) and ``loss_name`` in checkpoints.
+
+``logit_scale``: our losses do not use the model's scale, but upstream shows it (console "Logit
+Scale", ``train/scale``), uses it in its validation loss, and saves it, so an exported checkpoint
+would carry an unrelated ln(1/0.07). The wrapper writes ln(1/tau) into it (see :data:`LOSSES`):
+SogCLR's ``--tau-temperature`` exactly; iSogCLR the median of the per-sample temperatures of the
+rows visited so far, image and text tables pooled (recomputed at every epoch start and end);
+DySTreSS the mean temperature of the positive pairs over the epoch's steps so far. Upstream clamps
+the scale at 100 after each step; the value is written again before the next step and after the
+epoch's last one, so validation and checkpoints carry it unclamped.
+
+Distributed options: our losses compute each rank's anchors against the candidates gathered
+from all ranks, with the gradient through the gather, i.e. what upstream's ClipLoss does with
+``--local-loss --gather-with-grad``; both flags given, or neither (which in upstream also gives
+the exact gradient), are accepted; ``--local-loss`` alone (upstream then drops the other ranks'
+gradient) and ``--loss-dist-impl`` (SigLIP's exchange) are refused.
 
 The loss receives each batch's indices without changing what the loop unpacks: the data loader
 queues the indices of each batch it yields, and the loss consumes the queue once per optimizer
@@ -39,11 +57,15 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import inspect
 import logging
+import math
 import os
+import re
 import sys
-from typing import Any, Iterator, Optional, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import open_clip
 import open_clip_train.main as upstream_main
@@ -59,6 +81,7 @@ from torch import Tensor, nn
 from openclip_tau.data import (
     IndexedLoader,
     SampleIndexer,
+    SampleKeyError,
     derive_seed,
     indexed_train_data,
     patched,
@@ -68,9 +91,57 @@ from openclip_tau.data import (
 from openclip_tau.key_index import expand_shards, load_key_index, shard_name
 from openclip_tau.losses import DySTreSSClipLoss, ISogCLRClipLoss, SogCLRClipLoss
 
-LOSS_CHOICES = ("clip", "siglip", "sogclr", "isogclr", "dystress")
-LOSS_CLASSES = {"sogclr": SogCLRClipLoss, "isogclr": ISogCLRClipLoss, "dystress": DySTreSSClipLoss}
-STATEFUL_LOSSES = ("sogclr", "isogclr")
+Temperature = Union[float, Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One ``--loss`` choice of openclip_tau (an entry of :data:`LOSSES`).
+
+    Attributes:
+        cls: The loss class; built with the ``--tau-*`` keywords it accepts, ``rank``,
+            ``world_size``, ``num_samples`` when stateful, and ``local_loss`` /
+            ``gather_with_grad`` when its signature has them.
+        stateful: Keeps a per-sample table indexed by the dataset index (needs indexed data,
+            checkpointed state).
+        temperature: ``run -> tau`` (float or 0-d tensor, or None when not known yet): the
+            summary temperature written into the model's ``logit_scale`` as ln(1/tau).
+        temperature_rule: One line saying how that temperature is chosen (logged, documented).
+    """
+
+    cls: type
+    stateful: bool
+    temperature: Callable[[LossTraining], Optional[Temperature]]
+    temperature_rule: str
+
+
+# Adding a loss is one entry here (its --tau-* options are the keywords of LOSS_OPTIONS its
+# constructor accepts).
+LOSSES: dict[str, LossSpec] = {
+    "sogclr": LossSpec(
+        SogCLRClipLoss,
+        stateful=True,
+        temperature=lambda run: run.loss.temperature,
+        temperature_rule="1/--tau-temperature",
+    ),
+    "isogclr": LossSpec(
+        ISogCLRClipLoss,
+        stateful=True,
+        temperature=lambda run: run.table_median,
+        temperature_rule="1/median of the per-sample temperatures of the visited rows, image and "
+        "text tables pooled, recomputed at every epoch start and end",
+    ),
+    "dystress": LossSpec(
+        DySTreSSClipLoss,
+        stateful=False,
+        temperature=lambda run: run.stat_mean("tau_positive_mean", run.loss.tau_max),
+        temperature_rule="1/mean temperature of the positive pairs over the epoch's steps so far "
+        "(tau_max before the first step)",
+    ),
+}
+LOSS_CHOICES = ("clip", "siglip", *LOSSES)
+LOSS_CLASSES = {name: spec.cls for name, spec in LOSSES.items()}
+STATEFUL_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.stateful)
 
 # --tau-* option -> (keyword of the loss class, type, help); the default shown is the class's.
 LOSS_OPTIONS = {
@@ -90,10 +161,16 @@ LOSS_OPTIONS = {
     "tau_grad_clip": ("tau_grad_clip", float, "bound of the temperature gradient"),
 }
 CHECKPOINT_KEYS = ("loss_state_dict", "loss_name", "loss_options")
+# Flags of ours that are switches (False = not given).
+SWITCHES = ("tau_fresh_state",)
 
 
 class TrainingSetupError(ValueError):
     """A problem with the command line or the data found before training starts."""
+
+
+class UpstreamDriftError(RuntimeError):
+    """open_clip_train no longer calls a name that openclip_tau replaces (loss, save)."""
 
 
 def _flag(dest: str) -> str:
@@ -145,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"({', '.join(users)}) {text}. Default: {defaults}.",
         )
     parser.add_argument(
+        "--tau-fresh-state",
+        action="store_true",
+        help="(sogclr, isogclr) with --resume: start the per-sample state fresh (the model, "
+        "optimizer and epoch are still resumed). Without it, resuming from a checkpoint that "
+        "holds no loss state, or one trained with another key index or csv, is an error.",
+    )
+    parser.add_argument(
         "--add-model-config",
         action="append",
         default=[],
@@ -171,9 +255,9 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
     """Splits ``argv`` into our options (checked) and the arguments for ``open_clip_train``."""
     parser = build_parser()
     options, rest = parser.parse_known_args(list(argv))
-    for dest in (*LOSS_OPTIONS, "tau_num_samples", "tau_key_index"):
+    for dest in (*LOSS_OPTIONS, "tau_num_samples", "tau_key_index", *SWITCHES):
         value = getattr(options, dest)
-        if value is None:
+        if value is None or value is False:
             continue
         if dest in LOSS_OPTIONS:
             allowed = [
@@ -184,17 +268,64 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
         else:
             allowed = list(STATEFUL_LOSSES)
         if options.loss not in allowed:
-            parser.error(
-                f"{_flag(dest)} applies to --loss {' or '.join(allowed)}, not --loss {options.loss}."
+            _fail(
+                parser,
+                f"{_flag(dest)} applies to --loss {' or '.join(allowed)}, not --loss {options.loss}.",
             )
     if options.tau_num_samples is not None and options.tau_num_samples <= 0:
-        parser.error(
-            f"--tau-num-samples must be a positive integer, got {options.tau_num_samples}."
+        _fail(
+            parser, f"--tau-num-samples must be a positive integer, got {options.tau_num_samples}."
         )
     stray = [a for a in rest if a.startswith("--tau") or a == "--loss"]
     if stray:
-        parser.error(f"unrecognized option {stray[0]}; options of openclip_tau start with --tau-.")
+        _fail(parser, f"unrecognized option {stray[0]}; options of openclip_tau start with --tau-.")
+    if options.loss in LOSSES:
+        # Every value the loss class checks (ranges, tau_min <= tau_max, ...) is checked now, by
+        # the class itself, before the model and the data are built.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warnings come once, when the loss is built
+                build_loss(options.loss, loss_kwargs(options), num_samples=1)
+        except ValueError as err:
+            _fail(parser, with_flag_names(str(err)))
     return options, rest
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exits with code 2 and one line on stderr (no usage block, no traceback)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def with_flag_names(message: str) -> str:
+    """A loss class's error message with its keyword names written as our ``--tau-*`` flags."""
+    names = sorted(
+        ((kw, _flag(d)) for d, (kw, _, _) in LOSS_OPTIONS.items()), key=lambda x: -len(x[0])
+    )
+    for kwarg, flag in names:
+        message = re.sub(rf"(?<![-\w]){re.escape(kwarg)}\b", flag, message)
+    return message
+
+
+def build_loss(
+    name: str,
+    kwargs: dict[str, Any],
+    num_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    distributed: Optional[dict[str, Any]] = None,
+) -> nn.Module:
+    """The loss of ``--loss name`` (an entry of :data:`LOSSES`) with the given keywords.
+
+    ``distributed`` (``local_loss``, ``gather_with_grad``) is passed only to classes whose
+    constructor takes those keywords.
+    """
+    spec = LOSSES[name]
+    kw = dict(kwargs, rank=rank, world_size=world_size)
+    if spec.stateful:
+        kw["num_samples"] = num_samples
+    accepted = inspect.signature(spec.cls.__init__).parameters
+    kw.update({k: v for k, v in (distributed or {}).items() if k in accepted})
+    return spec.cls(**kw)
 
 
 def loss_kwargs(options: argparse.Namespace) -> dict[str, Any]:
@@ -301,20 +432,28 @@ class LossTraining:
         self.options = options
         self.loss_name: str = options.loss
         self.loss_kwargs = loss_kwargs(options)
-        self.stateful = self.loss_name in STATEFUL_LOSSES
-        self.ours = self.loss_name in LOSS_CLASSES
+        self.spec: Optional[LossSpec] = LOSSES.get(self.loss_name)
+        self.ours = self.spec is not None
+        self.stateful = self.ours and self.spec.stateful
         self.args: Optional[argparse.Namespace] = None
         self.loss: Optional[nn.Module] = None  # the module whose state_dict is checkpointed
         self.num_samples: Optional[int] = None
         self.index_source = ""
+        # What maps samples to table rows: a key index's, a csv's or a rule's fingerprint.
+        self.index_fingerprint: Optional[str] = None
         self.resumed: Optional[dict[str, Any]] = None  # loss entries of the --resume checkpoint
         self.resumed_path = ""
+        self.table_median: Optional[Tensor] = None  # iSogCLR's summary temperature
+        self.saved_paths: set[str] = set()  # checkpoints written with our entries
+        self.last_completed: Optional[int] = None
         # Per-epoch progress, reset by train_one_epoch.
         self.pending: list[Tensor] = []
+        self.batches_seen = 0
         self.calls = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.steps_per_epoch = 1
+        self.stat_sums: dict[str, Tensor] = {}
         self.tb_writer: Any = None
 
     # -------------------------------------------------------------- installed names
@@ -350,7 +489,7 @@ class LossTraining:
         args = upstream_params.parse_args(argv)
         self._check(args)
         args.loss = self.loss_name
-        for dest in ("tau_num_samples", "tau_key_index", *LOSS_OPTIONS):
+        for dest in ("tau_num_samples", "tau_key_index", *LOSS_OPTIONS, *SWITCHES):
             setattr(args, dest, getattr(self.options, dest))  # listed in params.txt and wandb
         self.args = args
         return args
@@ -369,6 +508,21 @@ class LossTraining:
             raise TrainingSetupError(f"{name} trains CLIP-style models, not CoCa ({args.model}).")
         if args.horovod:
             raise TrainingSetupError(f"{name} needs torch.distributed (torchrun), not --horovod.")
+        if args.local_loss and not args.gather_with_grad:
+            raise TrainingSetupError(
+                f"--local-loss without --gather-with-grad drops the other ranks' gradient in "
+                f"upstream's ClipLoss; {name} always computes local anchors against all gathered "
+                "candidates with the gradient through the gather (as --local-loss "
+                "--gather-with-grad): pass both flags or neither."
+            )
+        if args.loss_dist_impl is not None:
+            raise TrainingSetupError(
+                f"--loss-dist-impl {args.loss_dist_impl} selects upstream's SigLIP exchange; "
+                f"{name} has one distributed implementation (all-gather with gradient): leave "
+                "--loss-dist-impl out."
+            )
+        if self.options.tau_fresh_state and not args.resume:
+            raise TrainingSetupError("--tau-fresh-state applies to a --resume run only.")
         if not self.stateful:
             return
         kind = _train_data_kind(args)
@@ -407,7 +561,7 @@ class LossTraining:
             return data
         info = indexed_train_data(args, preprocess_fns[0], epoch, tokenizer)
         indexer = self._make_indexer(args, info)
-        loader = IndexedLoader(info.dataloader, indexer, self.pending.append)
+        loader = IndexedLoader(info.dataloader, indexer, self.on_batch)
         data["train"] = dataclasses.replace(info, dataloader=loader)
         return data
 
@@ -420,6 +574,11 @@ class LossTraining:
             rows = info.dataloader.num_samples
             what = "rows of the csv" if kind == "csv" else "synthetic samples"
             self.index_source = f"the row number ({rows} {what})"
+            self.index_fingerprint = (
+                f"csv sha256:{_file_sha256(args.train_data)}"
+                if kind == "csv"
+                else f"synthetic {rows}"
+            )
         elif self.options.tau_key_index:
             key_index = load_key_index(self.options.tau_key_index)
             unmapped = [
@@ -436,10 +595,12 @@ class LossTraining:
             rows = len(key_index)
             what = "keys in the key index"
             self.index_source = f"the key index {key_index.path} ({rows} keys)"
+            self.index_fingerprint = f"key index {key_index.fingerprint()}"
         else:
             rows = requested
             what = "--tau-num-samples"
             self.index_source = "the integer sample keys"
+            self.index_fingerprint = "integer keys"
         if requested is not None and requested < rows:
             raise TrainingSetupError(
                 f"--tau-num-samples {requested} is smaller than the {rows} {what}; omit it or "
@@ -454,10 +615,19 @@ class LossTraining:
             self.loss = open_clip.create_loss(args)
             result = self.loss
         else:
-            kwargs = dict(self.loss_kwargs, rank=args.rank, world_size=args.world_size)
-            if self.stateful:
-                kwargs["num_samples"] = self.num_samples
-            self.loss = LOSS_CLASSES[self.loss_name](**kwargs)
+            self.loss = build_loss(
+                self.loss_name,
+                self.loss_kwargs,
+                num_samples=self.num_samples,
+                rank=args.rank,
+                world_size=args.world_size,
+                distributed={
+                    "local_loss": args.local_loss,
+                    "gather_with_grad": args.gather_with_grad,
+                },
+            )
+            # The tables live on the training device: no step copies them through the host.
+            self.loss.to(args.device)
             result = IndexedLoss(self.loss, self)
         if is_master(args):
             table = f", per-sample table of {self.num_samples} indexed by {self.index_source}"
@@ -465,8 +635,34 @@ class LossTraining:
                 f"openclip_tau: --loss {self.loss_name}: {type(self.loss).__name__}"
                 f"({self.loss_kwargs or 'defaults'}){table if self.stateful else ''}"
             )
+            if self.ours:
+                given = [f for f in ("local_loss", "gather_with_grad") if getattr(args, f)]
+                logging.info(
+                    f"openclip_tau: --loss {self.loss_name} computes each rank's anchors against "
+                    "the candidates gathered from all ranks with the gradient through the gather "
+                    "(as upstream's --local-loss --gather-with-grad; "
+                    f"{' '.join(_flag(f) for f in given) or 'neither flag'} given). The model's "
+                    f"logit_scale is set to {self.spec.temperature_rule}."
+                )
+                self._warn_small_batch(args)
         self._restore_loss_state()
         return result
+
+    def _warn_small_batch(self, args: argparse.Namespace) -> None:
+        """iSogCLR: the KL radius must stay below log(B - 1) of the global batch B."""
+        rho = float(getattr(self.loss, "rho", 0.0) or 0.0)
+        if not getattr(getattr(self.loss, "settings", None), "learns", False) or rho <= 0:
+            return
+        batch = args.batch_size * args.world_size * args.accum_freq
+        limit = math.log(max(batch - 1, 1))
+        if rho >= limit:
+            logging.warning(
+                f"openclip_tau: --tau-rho {rho:g} is not below log(B - 1) = {limit:.2f} for the "
+                f"global batch B = {batch}: no temperature can reach it, so every per-sample "
+                "temperature is driven to --tau-min. The published rho 6 assumes B >= 512; for "
+                f"this batch use --tau-rho below {limit:.2f} (e.g. {0.5 * limit:.2f}) and a "
+                "smaller --tau-eta."
+            )
 
     def pt_load(self, file_path: str, map_location: Any = None) -> Any:
         checkpoint = upstream_file_utils.pt_load(file_path, map_location=map_location)
@@ -480,34 +676,69 @@ class LossTraining:
     def _restore_loss_state(self) -> None:
         if self.resumed is None:
             return
+        resumed, self.resumed = self.resumed, None  # release the tables once done
         path = self.resumed_path
-        saved = self.resumed.get("loss_name")
-        if saved is None:
-            if self.stateful:
-                logging.warning(
-                    f"{path} holds no loss state (saved by open_clip_train itself): the "
-                    "per-sample state starts fresh."
-                )
-            return
-        if saved != self.loss_name:
+        fresh = self.options.tau_fresh_state
+        saved = resumed.get("loss_name")
+        if saved is not None and saved != self.loss_name:
             raise TrainingSetupError(
                 f"{path} was trained with --loss {saved}; resume it with --loss {saved}, not "
                 f"--loss {self.loss_name}."
             )
+        if not self.stateful:
+            return
+        if saved is None or "loss_state_dict" not in resumed:
+            if not fresh:
+                raise TrainingSetupError(
+                    f"{path} holds no loss state (written by open_clip_train itself, or by "
+                    f"another tool): resuming --loss {self.loss_name} from it would start the "
+                    "per-sample state fresh. Pass --tau-fresh-state to do that."
+                )
+            self._log_master(f"openclip_tau: {path} holds no loss state; starting it fresh.")
+            return
+        options = resumed.get("loss_options", {})
+        before = options.get("index")
+        if before is not None and before != self.index_fingerprint and not fresh:
+            raise TrainingSetupError(
+                f"{path} was trained with another sample-to-row map ({before}); this run uses "
+                f"{self.index_fingerprint} ({self.index_source}), so the saved state would "
+                "belong to other samples. Resume with the key index (or csv) it was trained "
+                "with, or pass --tau-fresh-state to start the per-sample state fresh."
+            )
+        if fresh:
+            self._log_master(
+                f"openclip_tau: --tau-fresh-state: the {self.loss_name} loss state of {path} "
+                "is not restored; it starts fresh."
+            )
+            return
         try:
-            self.loss.load_state_dict(self.resumed.get("loss_state_dict", {}))
+            self.loss.load_state_dict(resumed["loss_state_dict"])
         except (ValueError, RuntimeError) as err:
             raise TrainingSetupError(f"Cannot restore the loss state from {path}: {err}") from err
-        before = self.resumed.get("loss_options", {}).get("kwargs", {})
-        if before != self.loss_kwargs:
-            logging.warning(f"Resuming with loss options {self.loss_kwargs}; {path} used {before}.")
-        logging.info(f"openclip_tau: restored the {self.loss_name} loss state from {path}.")
-        self.resumed = None  # release the tables
+        if options.get("kwargs", {}) != self.loss_kwargs:
+            self._log_master(
+                f"Resuming with loss options {self.loss_kwargs}; {path} used "
+                f"{options.get('kwargs', {})}.",
+                logging.WARNING,
+            )
+        if before is None:
+            self._log_master(
+                f"{path} records no sample-to-row fingerprint (older checkpoint); the map "
+                "could not be checked.",
+                logging.WARNING,
+            )
+        self._log_master(f"openclip_tau: restored the {self.loss_name} loss state from {path}.")
+
+    def _log_master(self, message: str, level: int = logging.INFO) -> None:
+        if self.args is None or is_master(self.args):
+            logging.log(level, message)
 
     def save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
         """``torch.save`` for ``open_clip_train.main``: training checkpoints get the loss state."""
         if isinstance(obj, dict) and {"epoch", "state_dict", "optimizer"} <= obj.keys():
             obj = {**obj, **self.checkpoint_entries()}
+            if isinstance(f, (str, os.PathLike)):
+                self.saved_paths.add(os.path.abspath(f))
         return torch.save(obj, f, *args, **kwargs)
 
     def checkpoint_entries(self) -> dict[str, Any]:
@@ -517,11 +748,39 @@ class LossTraining:
                 "kwargs": dict(self.loss_kwargs),
                 "num_samples": self.num_samples,
                 "key_index": self.options.tau_key_index,
+                "index": self.index_fingerprint,
+                "logit_scale": self.spec.temperature_rule if self.ours else None,
             },
             "loss_state_dict": self.loss.state_dict() if self.loss is not None else {},
         }
 
+    def verify_checkpoints(self, completed_epoch: int) -> None:
+        """Raises if a checkpoint upstream wrote for ``completed_epoch`` lacks our entries."""
+        args = self.args
+        if not args.save_logs:
+            return
+        expected = []
+        if completed_epoch == args.epochs or (
+            args.save_frequency > 0 and completed_epoch % args.save_frequency == 0
+        ):
+            expected.append(os.path.join(args.checkpoint_path, f"epoch_{completed_epoch}.pt"))
+        if args.save_most_recent:
+            expected.append(os.path.join(args.checkpoint_path, "tmp.pt"))  # then renamed
+        missing = [p for p in expected if os.path.abspath(p) not in self.saved_paths]
+        if missing:
+            raise UpstreamDriftError(
+                f"open_clip_train wrote {missing[0]} without openclip_tau's loss entries (it no "
+                "longer saves through the torch name of open_clip_train.main): the checkpoint "
+                "cannot be resumed exactly. This open_clip_train version is not supported."
+            )
+        self.saved_paths.clear()
+
     # -------------------------------------------------------------- epochs and steps
+    def on_batch(self, index: Tensor) -> None:
+        """Called by the data loader with the table indices of each batch it yields."""
+        self.pending.append(index)
+        self.batches_seen += 1
+
     def train_one_epoch(
         self,
         model: nn.Module,
@@ -535,11 +794,15 @@ class LossTraining:
         args: argparse.Namespace,
         tb_writer: Any = None,
     ) -> Any:
+        if self.last_completed is not None:
+            self.verify_checkpoints(self.last_completed)
         self.pending.clear()  # an incomplete --accum-freq group of the last epoch is dropped
+        self.batches_seen = 0
         self.calls = 0
         self.epoch = epoch
         self.step_in_epoch = 0
         self.steps_per_epoch = max(1, data["train"].dataloader.num_batches // args.accum_freq)
+        self.stat_sums = {}
         self.tb_writer = tb_writer
         if hasattr(self.loss, "set_epoch"):
             self.loss.set_epoch(epoch)
@@ -547,31 +810,114 @@ class LossTraining:
             # Sampling order (csv, synthetic) and augmentations drawn in this process depend on
             # the epoch only, so a resumed run repeats the epochs it did not finish.
             seed_everything(derive_seed(args.seed, epoch, args.rank))
+        if self.ours:
+            if self.table_median is None:
+                self.table_stats()  # after a resume: the restored tables' median
+            self.write_logit_scale(model)
+
+        def scheduler_then_scale(step: int) -> Any:
+            # Upstream calls the scheduler before each step's forward (unless
+            # --skip-scheduler): the step's forward, its logs and the clamp see our scale.
+            out = scheduler(step) if scheduler is not None else None
+            self.write_logit_scale(model)
+            return out
+
         # Looked up at call time, so upstream's loop (or a test's stand-in) is what runs.
         upstream_train.train_one_epoch(
-            model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer
+            model,
+            data,
+            loss,
+            epoch,
+            optimizer,
+            scaler,
+            scheduler_then_scale if self.ours else scheduler,
+            dist_model,
+            args,
+            tb_writer,
         )
+        if self.ours:
+            self.check_loss_was_called()
+            stats = self.table_stats()
+            self.write_logit_scale(model)  # validation and the checkpoint get it unclamped
+            if stats and is_master(args):
+                self.log_stats(stats, self.steps_per_epoch * (epoch + 1) - 1, "Table stats")
         if tb_writer is not None:
             tb_writer.flush()  # upstream never closes its writer; make each epoch's scalars land
         if self.stateful and args.distributed:
             self.check_ranks_agree(args)
+        self.last_completed = epoch + 1
+
+    def check_loss_was_called(self) -> None:
+        """Raises unless upstream's loop called our loss once per batch it drew (with indices)."""
+        if self.stateful:
+            used = self.batches_seen - len(self.pending)  # a last incomplete group is dropped
+            if self.batches_seen == 0 or used != self.step_in_epoch * self.args.accum_freq:
+                raise UpstreamDriftError(
+                    f"In epoch {self.epoch} open_clip_train drew {self.batches_seen} batches but "
+                    f"called --loss {self.loss_name} with the indices of "
+                    f"{self.step_in_epoch * self.args.accum_freq}: its loop no longer calls the "
+                    "loss made by create_loss once per batch. This open_clip_train version is "
+                    "not supported."
+                )
+        elif self.step_in_epoch == 0:
+            raise UpstreamDriftError(
+                f"In epoch {self.epoch} open_clip_train never called --loss {self.loss_name}: its "
+                "loop no longer uses the loss made by create_loss."
+            )
+
+    def write_logit_scale(self, model: nn.Module) -> None:
+        """Writes ln(1/tau) of the loss's summary temperature into the model's ``logit_scale``."""
+        tau = self.spec.temperature(self)
+        scale = getattr(upstream_train.unwrap_model(model), "logit_scale", None)
+        if tau is None or not isinstance(scale, Tensor):
+            return
+        with torch.no_grad():
+            tau = torch.as_tensor(tau, dtype=torch.float32).to(scale.device, non_blocking=True)
+            scale.copy_(torch.log(1.0 / tau).to(scale.dtype).reshape(scale.shape))
+
+    def stat_mean(self, name: str, default: Optional[Temperature] = None) -> Optional[Temperature]:
+        """Mean of the batch statistic ``name`` over this epoch's steps so far (or ``default``)."""
+        if name not in self.stat_sums or self.step_in_epoch == 0:
+            return default
+        return self.stat_sums[name] / self.step_in_epoch
+
+    def table_stats(self) -> dict[str, Tensor]:
+        """Whole-table temperature statistics over the rows visited so far (0-d tensors).
+
+        For every ``tau_<role>`` table: ``table_tau_<role>_{mean,min,p10,p50,p90,max}`` over the
+        rows whose ``log_u_<role>`` is finite (visited), and ``table_visited_<role>``. Also sets
+        :attr:`table_median`, the median of the visited temperatures of all roles pooled.
+        """
+        state = getattr(self.loss, "state", None)
+        if state is None:
+            return {}
+        stats: dict[str, Tensor] = {}
+        pooled = []
+        for name in state.names:
+            if not name.startswith("log_u_"):
+                continue
+            role = name[len("log_u_") :]
+            visited = torch.isfinite(state.table(name))
+            stats[f"table_visited_{role}"] = visited.sum()
+            if f"tau_{role}" in state.names:
+                tau = state.table(f"tau_{role}")[visited]
+                pooled.append(tau)
+                stats.update(quantile_stats(tau, f"table_tau_{role}"))
+        if pooled and not sum(t.numel() for t in pooled):  # nothing visited yet: the initial
+            pooled = [state.table(n) for n in state.names if n.startswith("tau_")]
+        if pooled:
+            self.table_median = quantile_stats(torch.cat(pooled), "tau")["tau_p50"]
+        return stats
 
     def check_ranks_agree(self, args: argparse.Namespace) -> None:
         """Raises if the per-sample state differs between ranks (one small gather per epoch).
 
         Every rank applies the same update for the whole global batch, so the tables must stay
         identical; public implementations that update only the local rank drift apart here.
+        The checksums are computed where the tables are (CPU or GPU); only floats are gathered.
         """
-        checksums = []
-        for name, table in self.loss.state_dict().items():
-            if isinstance(table, Tensor):
-                t = torch.where(torch.isfinite(table), table, torch.full_like(table, -1e4)).double()
-                weights = torch.arange(1, t.numel() + 1, dtype=torch.float64) / t.numel()
-                checksums.append(
-                    (name, round(t.sum().item(), 6), round((t * weights).sum().item(), 6))
-                )
         gathered: list[Any] = [None] * args.world_size
-        torch.distributed.all_gather_object(gathered, checksums)
+        torch.distributed.all_gather_object(gathered, state_checksums(self.loss))
         if any(g != gathered[0] for g in gathered):
             raise RuntimeError(
                 f"The per-sample loss state differs between ranks after epoch {self.epoch}: "
@@ -589,10 +935,15 @@ class LossTraining:
         write = self.calls >= self.args.accum_freq
         if not self.stateful:
             return None, write
-        if not self.pending:
-            raise RuntimeError(
-                f"--loss {self.loss_name} was called without the indices of its batch: the "
-                "training data was not built by openclip_tau.train."
+        if len(self.pending) != self.args.accum_freq:
+            raise UpstreamDriftError(
+                f"--loss {self.loss_name} was called with the indices of {len(self.pending)} "
+                f"queued batches, expected {self.args.accum_freq} (--accum-freq): "
+                + (
+                    "the training data was not built by openclip_tau.train."
+                    if not self.pending
+                    else "open_clip_train's loop no longer calls the loss once per batch."
+                )
             )
         return torch.cat(self.pending), write
 
@@ -602,23 +953,34 @@ class LossTraining:
         self.calls = 0
         i = self.step_in_epoch
         self.step_in_epoch += 1
+        for name, value in stats.items():  # running sums on the device, no host sync
+            value = value.detach().float()
+            self.stat_sums[name] = self.stat_sums[name] + value if name in self.stat_sums else value
         args = self.args
         if not stats or not is_master(args):
             return
         if i % args.log_every_n_steps == 0 or i + 1 == self.steps_per_epoch:
-            self.log_stats(stats, self.steps_per_epoch * self.epoch + i)
+            batch = {(f"batch_{k}" if k.startswith("tau_") else k): v for k, v in stats.items()}
+            self.log_stats(batch, self.steps_per_epoch * self.epoch + i)
 
-    def log_stats(self, stats: dict[str, Tensor], step: int) -> None:
-        """Temperature statistics and the objective to OpenCLIP's console, TensorBoard, wandb."""
+    def log_stats(self, stats: dict[str, Tensor], step: int, title: str = "Loss stats") -> None:
+        """Statistics to OpenCLIP's console, TensorBoard and wandb (as ``train/<name>``).
+
+        Batch temperatures are named ``batch_tau_*``, whole-table ones ``table_tau_*``.
+        """
         names = list(stats)
         values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
-        # The console gets the objective and the temperatures' mean and quantiles; TensorBoard
-        # and wandb get every statistic of the loss.
+        # The console gets the objective, visited counts and the temperatures' mean and
+        # quantiles; TensorBoard and wandb get every statistic.
         brief = [
-            k for k in names if k == "objective" or k.endswith(("_mean", "_p10", "_p50", "_p90"))
+            k
+            for k in names
+            if k == "objective"
+            or k.startswith("table_visited")
+            or k.endswith(("_mean", "_p10", "_p50", "_p90"))
         ]
         logging.info(
-            f"Loss stats epoch {self.epoch} step {step}: "
+            f"{title} epoch {self.epoch} step {step}: "
             + " ".join(f"{k}: {values[k]:.5g}" for k in brief)
         )
         log_data = {f"train/{k}": v for k, v in values.items()}
@@ -629,6 +991,45 @@ class LossTraining:
             import wandb
 
             wandb.log(log_data, step=step)
+
+
+def quantile_stats(values: Tensor, prefix: str) -> dict[str, Tensor]:
+    """Mean, min, p10, p50, p90 and max of a 1-D tensor (linear interpolation, as
+    ``torch.quantile``, which refuses more than 2^24 values; tables can be larger)."""
+    values = values.detach().float().flatten()
+    if values.numel() == 0:
+        return {}
+    ordered = torch.sort(values).values
+    out = {f"{prefix}_mean": values.mean(), f"{prefix}_min": ordered[0]}
+    last = ordered.numel() - 1
+    for q in (10, 50, 90):
+        position = q / 100 * last
+        low = math.floor(position)
+        high = min(low + 1, last)
+        frac = position - low
+        out[f"{prefix}_p{q}"] = ordered[low] + (ordered[high] - ordered[low]) * frac
+    out[f"{prefix}_max"] = ordered[-1]
+    return out
+
+
+def state_checksums(loss: nn.Module) -> list[tuple[str, float, float]]:
+    """Two checksums per state tensor (sum, position-weighted sum), computed on its device."""
+    checksums = []
+    for name, table in loss.state_dict().items():
+        if isinstance(table, Tensor) and table.is_floating_point():
+            t = torch.where(torch.isfinite(table), table, torch.full_like(table, -1e4)).double()
+            weights = torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device)
+            both = torch.stack([t.sum(), (t.flatten() * weights / t.numel()).sum()]).tolist()
+            checksums.append((name, round(both[0], 6), round(both[1], 6)))
+    return checksums
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
@@ -651,7 +1052,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     handlers = list(logging.root.handlers)
     try:
         with run.installed():
-            return upstream_main.main(rest)
+            result = upstream_main.main(rest)
+        if run.last_completed is not None:
+            run.verify_checkpoints(run.last_completed)
+        return result
     finally:
         # upstream's setup_logging adds handlers at every call; drop them so that a second run in
         # the same process does not write into the first run's log file.
@@ -662,10 +1066,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
 
 
 def cli() -> None:
+    """Console entry: setup errors and sample keys outside the table are one line, exit code 2."""
     try:
         code = main()
-    except TrainingSetupError as err:
-        sys.exit(f"openclip_tau.train: error: {err}")
+    except (TrainingSetupError, SampleKeyError) as err:
+        print(f"openclip_tau.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
 
 

@@ -219,14 +219,26 @@ def test_temperature_statistics_reach_console_and_tensorboard(runs: dict[str, Pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = (runs["isogclr"] / "out.log").read_text()
-    assert "Loss stats epoch 2" in log and "tau_text_p90" in log and "objective" in log
+    assert "Loss stats epoch 2" in log and "batch_tau_text_p90" in log and "objective" in log
     events = EventAccumulator(str(runs["isogclr"] / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    for tag in ("train/objective", "train/tau_image_mean", "train/tau_text_p10", "train/loss"):
+    for tag in (
+        "train/objective",
+        "train/batch_tau_image_mean",
+        "train/batch_tau_text_p10",
+        "train/table_tau_image_p50",
+        "train/table_tau_text_mean",
+        "train/loss",
+    ):
         assert tag in tags
-    steps = [e.step for e in events.Scalars("train/tau_image_mean")]
-    assert steps == list(range(EPOCHS * NUM_SAMPLES // BATCH))
+    steps_per_epoch = NUM_SAMPLES // BATCH
+    steps = [e.step for e in events.Scalars("train/batch_tau_image_mean")]
+    assert steps == list(range(EPOCHS * steps_per_epoch))
+    # The whole table's statistics once per epoch, at the epoch's last step.
+    table = events.Scalars("train/table_tau_image_mean")
+    assert [e.step for e in table] == [steps_per_epoch * (e + 1) - 1 for e in range(EPOCHS)]
+    assert "Table stats epoch 2" in log and "table_tau_text_p50" in log
     # The loss dict that OpenCLIP sums holds the loss only, never the statistics.
     loss_tags = [t for t in tags if "loss" in t]
     assert sorted(loss_tags) == ["train/contrastive_loss", "train/loss"]
@@ -491,7 +503,7 @@ def test_key_index_round_trip_and_errors(workdir: Path, tmp_path: Path) -> None:
     with pytest.raises(MissingKeyError, match="'999999999'"):
         index.indices([keys[0], "999999999"])
     indexer = tau_data.SampleIndexer(NUM_SAMPLES, index)
-    with pytest.raises(MissingKeyError, match=r"'999999999'.*\(shard s1.tar\)"):
+    with pytest.raises(tau_data.SampleKeyError, match=r"'999999999'.*\(shard s1.tar\)"):
         indexer(["000000000", "999999999"], ["s0.tar", "s1.tar"])
     with pytest.raises(ValueError, match="'abc'.*not an integer"):
         tau_data.SampleIndexer(10)(["abc"], ["s.tar"])
