@@ -850,8 +850,13 @@ class LossTraining:
     def check_loss_was_called(self) -> None:
         """Raises unless upstream's loop called our loss once per batch it drew (with indices)."""
         if self.stateful:
+            accum = self.args.accum_freq
             used = self.batches_seen - len(self.pending)  # a last incomplete group is dropped
-            if self.batches_seen == 0 or used != self.step_in_epoch * self.args.accum_freq:
+            if (
+                self.batches_seen == 0
+                or len(self.pending) >= accum
+                or used != self.step_in_epoch * accum
+            ):
                 raise UpstreamDriftError(
                     f"In epoch {self.epoch} open_clip_train drew {self.batches_seen} batches but "
                     f"called --loss {self.loss_name} with the indices of "
