@@ -23,6 +23,11 @@ if str(ROOT) not in sys.path:  # recipes/ is run from the repository, not instal
 from lightly_tau import IndexedDataset  # noqa: E402
 from recipes.longtail import run as longtail_run  # noqa: E402
 from recipes.longtail.augment import AugmentSettings, BatchSimCLRAugment  # noqa: E402
+from recipes.longtail.claim import (  # noqa: E402
+    ClaimRun,
+    claim_verdict,
+    density_analysis,
+)
 from recipes.longtail.data import (  # noqa: E402
     frequency_groups,
     load_long_tail_data,
@@ -33,13 +38,19 @@ from recipes.longtail.evaluate import (  # noqa: E402
     extract_features,
     knn_predictions,
     per_class_accuracy,
+    raw_pixel_features,
     spearman,
 )
 from recipes.longtail.models import SimCLRModel  # noqa: E402
 from recipes.longtail.presets import PRESET_CLASSES, PRESETS  # noqa: E402
-from recipes.longtail.train import LossSettings, TemperatureLoss  # noqa: E402
+from recipes.longtail.train import (  # noqa: E402
+    LOSS_REGISTRY,
+    LossSettings,
+    TemperatureLoss,
+)
+from recipes.temperature_analysis import knn_density  # noqa: E402
 
-LOSSES = ["ntxent", "isogclr", "dystress"]
+LOSSES = ["ntxent", "macl", "isogclr", "dystress"]
 SEEDS = [0, 1]
 TINY = [
     "--dataset",
@@ -177,6 +188,8 @@ def test_temperatures_stay_within_their_bounds(job: dict) -> None:
             assert (low, high) == (0.1, 0.1)
         if row["loss"] == "dystress":
             assert (low, high) == (0.07, 0.2)
+        if row["loss"] == "macl":  # tau_0 (1 + alpha (A - A_0)), A in [-1, 1]
+            assert (low, high) == pytest.approx((0.05, 0.15))
     for run in job["json"]["runs"]:
         assert len(run["history"]) == 2
         if run["loss"] != "isogclr":
@@ -228,6 +241,161 @@ def test_report_numbers_match_the_saved_models(job: dict, data_root: Path) -> No
             for entry in run["temperatures"]["per_class"]:
                 mean = float(tau[data.train.targets == entry["class"]].mean())
                 assert mean == pytest.approx(entry["mean"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- the claim
+CLAIM = [("natural", s) for s in SEEDS] + [("permuted", s) for s in SEEDS]
+
+
+def test_claim_runs_cover_every_seed_and_class_order(job: dict) -> None:
+    """iSogCLR for each seed under both class orders; the comparison's natural-order runs are
+    reused, the permuted ones trained on their own data; one verdict over all four."""
+    output, document = job["output"], job["json"]
+    with open(output / "claim.csv") as handle:
+        claim = list(csv.DictReader(handle))
+    assert [(r["class_order"], int(r["seed"])) for r in claim] == CLAIM
+    for row in claim:
+        assert int(row["epochs"]) == 2
+        if row["class_order"] == "natural":
+            same = next(
+                r for r in job["rows"] if r["loss"] == "isogclr" and r["seed"] == row["seed"]
+            )
+            assert _float(row["spearman_final"]) == pytest.approx(_float(same["spearman_final"]))
+        else:
+            name = f"isogclr_permuted_data0_seed{row['seed']}.pt"
+            assert (output / "checkpoints" / name).is_file()
+        holds = _float(row["spearman_final"]) > 0 and _float(row["p_value_final"]) < 0.05
+        assert (row["holds"] == "True") == holds
+    verdict = document["claim"]["verdict"]
+    held = sum(r["holds"] == "True" for r in claim)
+    assert verdict["holds"] == held and verdict["runs"] == 4
+    assert verdict["kind"] == ("none" if held == 0 else "all" if held == 4 else "some")
+    report = (output / "report.md").read_text()
+    assert f"**Verdict: {verdict['text']}**" in report
+    for name in ("claim_spearman.png", "temperature_vs_density.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+
+
+def test_per_sample_densities_match_the_saved_models(job: dict, data_root: Path) -> None:
+    """A permuted-order claim run: its temperatures, learned-feature and pixel densities in
+    per_sample.csv are recomputed from its checkpoint and data."""
+    output, document = job["output"], job["json"]
+    data = load_long_tail_data(
+        "fashion-mnist",
+        data_root,
+        imbalance=6,
+        class_order="permuted",
+        max_per_class=48,
+        test_per_class=12,
+        probe_per_class=10,
+    )
+    checkpoint = torch.load(
+        output / "checkpoints" / "isogclr_permuted_data0_seed1.pt", weights_only=False
+    )
+    assert torch.equal(checkpoint["train_source_index"], data.train_source_index)
+    with open(output / "per_sample.csv") as handle:
+        rows = [
+            r for r in csv.DictReader(handle) if (r["class_order"], r["seed"]) == ("permuted", "1")
+        ]
+    assert [int(r["index"]) for r in rows] == list(range(len(data.train)))
+    tau = checkpoint["loss"]["state.tau"].double().numpy()
+    np.testing.assert_allclose([float(r["tau"]) for r in rows], tau, rtol=1e-5)
+    sizes = [data.class_counts[c] for c in data.train.targets.tolist()]
+    assert [int(float(r["class_size"])) for r in rows] == sizes
+    assert [r["class"] for r in rows] == [data.classes[c] for c in data.train.targets.tolist()]
+    model = SimCLRModel(document["config"]["train"]["backbone"], 1, 28, 512, 128)
+    model.load_state_dict(checkpoint["model"])
+    dtype = torch.bfloat16 if document["config"]["train"]["precision"] == "bf16" else None
+    features = extract_features(
+        model, data.train, data.mean, data.std, torch.device("cpu"), 512, dtype
+    )
+    feature = knn_density(features.numpy(), 20)
+    np.testing.assert_allclose([float(r["feature_density"]) for r in rows], feature, rtol=1e-5)
+    pixel = knn_density(raw_pixel_features(data.train).numpy(), 20)
+    np.testing.assert_allclose([float(r["pixel_density"]) for r in rows], pixel, rtol=1e-5)
+    with open(output / "claim.csv") as handle:
+        claim = next(
+            r for r in csv.DictReader(handle) if (r["class_order"], r["seed"]) == ("permuted", "1")
+        )
+    assert _float(claim["rho_tau_feature_density"]) == pytest.approx(
+        spearman(feature, tau, permutations=0)[0], abs=1e-9
+    )
+    assert _float(claim["rho_tau_class_size"]) == pytest.approx(
+        spearman(sizes, tau, permutations=0)[0], abs=1e-9
+    )
+
+
+def _claim_run(rho: float, p: float, order: str = "natural", seed: int = 0) -> ClaimRun:
+    return ClaimRun(order, 0, seed, spearman=[-0.5, rho], p_values=[0.01, p])
+
+
+def test_claim_verdict_all_some_none() -> None:
+    held = _claim_run(0.75, 0.018)
+    assert held.holds() and not _claim_run(0.75, 0.05).holds()
+    # A significant negative correlation is the opposite of the claim, not support for it.
+    assert not _claim_run(-0.9, 0.001).holds()
+    verdict = claim_verdict([held, _claim_run(0.8, 0.01, "permuted", 1)])
+    assert (verdict["kind"], verdict["holds"], verdict["runs"]) == ("all", 2, 2)
+    assert verdict["text"].startswith("The claim holds in all 2 runs")
+    verdict = claim_verdict([held, _claim_run(0.24, 0.52, "permuted"), _claim_run(-0.9, 0.001)])
+    assert (verdict["kind"], verdict["holds"]) == ("some", 1)
+    assert verdict["supporting"] == ["natural order (data seed 0), seed 0"]
+    assert "1 of 3 runs" in verdict["text"] and "+0.24 (p 0.520)" in verdict["text"]
+    verdict = claim_verdict([_claim_run(0.24, 0.52), _claim_run(0.36, 0.32)])
+    assert verdict["kind"] == "none" and "none of the 2 runs" in verdict["text"]
+    assert claim_verdict([])["kind"] == "none"
+    with pytest.raises(ValueError, match="alpha"):
+        claim_verdict([held], alpha=1.5)
+
+
+def test_density_analysis_names_the_strongest_predictor() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    density = rng.uniform(size=n)
+    run = ClaimRun(
+        "permuted",
+        0,
+        0,
+        [0.1],
+        [0.5],
+        tau=density + 0.05 * rng.normal(size=n),
+        class_size=rng.integers(10, 100, size=n).astype(float),
+        feature_density=rng.uniform(size=n),
+        pixel_density=density,
+    )
+    analysis = density_analysis(run)
+    assert analysis["best"] == "pixel_density" and analysis["samples"] == n
+    assert analysis["pixel_density"]["rho"] == pytest.approx(
+        spearman(density, run.tau, permutations=0)[0]
+    )
+    assert analysis["pixel_density"]["p_value"] == pytest.approx(1 / 1001)
+    assert abs(analysis["class_size"]["rho"]) < 0.2
+    with pytest.raises(ValueError, match="feature_density has 3 values"):
+        density_analysis(
+            ClaimRun("natural", 0, 0, [], [], tau=np.ones(4), feature_density=np.ones(3))
+        )
+
+
+def test_every_registered_loss_reports_its_temperature_within_bounds() -> None:
+    settings = LossSettings()
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(16, 8), torch.randn(16, 8)
+    z1 = z0 + 0.5 * z1  # some alignment
+    for name, spec in LOSS_REGISTRY.items():
+        loss = TemperatureLoss(name, settings, num_samples=32)
+        value = loss(z0, z1, torch.arange(16))
+        assert torch.isfinite(value), name
+        low, high = settings.temperature_bounds(name)
+        assert low - 1e-6 <= float(loss.tau_batch) <= high + 1e-6, name
+        assert (loss.sample_temperatures() is not None) == spec.per_sample
+    # MACL: tau_0 (1 + alpha (A - A_0)), A the mean positive similarity as Lightly computes it.
+    macl = TemperatureLoss("macl", LossSettings(macl_alpha=0.8, macl_a0=0.2), num_samples=32)
+    macl(z0, z1, torch.arange(16))
+    out = torch.nn.functional.normalize(torch.cat([z0, z1]), dim=1)
+    cov = out @ out.T
+    alignment = torch.cat([torch.diag(cov, 16), torch.diag(cov, -16)]).mean()
+    assert float(macl.tau_batch) == pytest.approx(0.1 * (1 + 0.8 * (float(alignment) - 0.2)))
 
 
 # --------------------------------------------------------------------------- bad options

@@ -196,3 +196,45 @@ def test_long_tail_extremes_grid_and_table(tmp_path: Path) -> None:
     assert page.count("| highest |") == 4 and page.count("| lowest |") == 4
     with pytest.raises(ValueError, match="training-set order"):
         report.temperature_extremes(tau[:-1], data)
+
+
+# ----------------------------------------------------------------------------- local density
+def _reference_density(features: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the k largest cosine similarities to other samples, one sample at a time."""
+    x = features / np.linalg.norm(features, axis=1, keepdims=True)
+    out = []
+    for i in range(len(x)):
+        sims = sorted((float(x[i] @ x[j]) for j in range(len(x)) if j != i), reverse=True)
+        out.append(np.mean(sims[:k]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k, chunk", [(1, 1024), (3, 4), (10, 7)])
+def test_knn_density_matches_a_direct_computation(k: int, chunk: int) -> None:
+    features = np.random.default_rng(k).normal(size=(23, 5)) * np.arange(1, 24)[:, None]
+    density = ta.knn_density(features, k=k, chunk=chunk)
+    np.testing.assert_allclose(density, _reference_density(features, k), atol=1e-6)
+
+
+def test_knn_density_of_a_cluster_and_an_outlier() -> None:
+    # Two identical points are each other's nearest neighbour (cosine 1); the orthogonal one
+    # has only neighbours at cosine 0. A sample is never its own neighbour.
+    assert ta.knn_density([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]], k=1).tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"k must be in \[1, 2\]"):
+        ta.knn_density(np.eye(3), k=3)
+    with pytest.raises(ValueError, match="2-D"):
+        ta.knn_density(np.ones(4), k=1)
+
+
+def test_temperature_vs_density_plot_reports_the_spearman_over_samples(tmp_path: Path) -> None:
+    plt = ta.pyplot()
+    rng = np.random.default_rng(0)
+    density = rng.uniform(size=300)
+    tau = 0.1 + 0.5 * density + 0.05 * rng.normal(size=300)
+    fig, ax = plt.subplots()
+    rho, p = ta.plot_temperature_vs_density(ax, density, tau, groups=["a", "b", "c"] * 100)
+    assert rho == pytest.approx(_reference_spearman(density, tau), abs=1e-12)
+    assert p == pytest.approx(1 / 1001) and f"{rho:+.2f}" in ax.get_title()
+    assert len(ax.collections) == 3
+    fig.savefig(tmp_path / "d.png")
+    plt.close(fig)

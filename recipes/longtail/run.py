@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -458,7 +458,7 @@ def resolve_parallelism(
     return parallel, threads
 
 
-DataKey = tuple  # (class order, data seed) or any hashable key of RunContext.datas
+DataKey = Hashable  # (class order, data seed), or any key of RunContext.datas
 
 
 @dataclass

@@ -1,0 +1,431 @@
+"""SogCLR's claim, tested: does a small batch hurt? ``python -m recipes.longtail.sweep --help``.
+
+SogCLR (Yuan et al., ICML 2022, "Provable stochastic optimization for global contrastive
+learning: small batch does not harm performance") says NT-Xent degrades as the batch shrinks
+because its mini-batch estimate of the contrastive normaliser is biased, while SogCLR's
+per-sample moving average removes that bias. This sweep trains the long-tail recipe's SimCLR model
+at several batch sizes at equal epochs (so smaller batches take more steps, as in the paper) for
+NT-Xent, SogCLR and iSogCLR on Fashion-MNIST, long-tailed (imbalance 100) and balanced (the same
+number of images, spread evenly over the classes), for several seeds, and writes:
+
+- ``sweep.csv``: one row per profile, loss, batch size and seed (accuracies, times);
+- ``sweep_summary.csv``: mean and standard deviation over seeds;
+- ``sweep.png``: linear-probe (solid) and kNN (dashed) accuracy against batch size;
+- ``sweep.md``: the tables, the change from the largest to the smallest batch per loss, and a
+  one-line reading of that change against the seed-to-seed spread.
+
+Everything else (model, optimiser, augmentation, loss settings, evaluation) is the main job's
+default (``python -m recipes.longtail``). ``--smoke`` runs the same code on a few images for a
+couple of steps (a test of the pipeline; the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from recipes.longtail.augment import AugmentSettings
+from recipes.longtail.data import DatasetUnavailable, load_long_tail_data
+from recipes.longtail.report import write_csv
+from recipes.longtail.run import (
+    DEFAULT_EPOCHS,
+    Job,
+    RunContext,
+    available_cores,
+    resolve_precision,
+    run_parallel,
+    run_sequential,
+)
+from recipes.longtail.train import LOSS_LABELS, LOSSES, LossSettings, RunResult, TrainSettings
+from recipes.temperature_analysis import pyplot
+
+PROFILES = ("long-tailed", "balanced")
+DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
+DEFAULT_SWEEP_LOSSES = ("ntxent", "sogclr", "isogclr")
+SMOKE = {
+    "max_per_class": 48,
+    "imbalance": 6.0,
+    "test_per_class": 12,
+    "probe_per_class": 10,
+    "epochs": 1,
+    "steps_per_epoch": 2,
+    "batch_sizes": [8, 16],
+    "seeds": [0],
+    "probe_epochs": 5,
+    "knn_k": 5,
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.longtail.sweep",
+        description="Linear-probe and kNN accuracy against batch size at equal epochs for "
+        "NT-Xent, SogCLR and iSogCLR on Fashion-MNIST, long-tailed and balanced (SogCLR's "
+        "small-batch claim).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--batch-sizes", nargs="+", type=_positive_int, default=list(DEFAULT_BATCH_SIZES)
+    )
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(DEFAULT_SWEEP_LOSSES))
+    parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--imbalance", type=float, default=100.0, help="of the long-tailed profile")
+    parser.add_argument("--max-per-class", type=_positive_int, default=None)
+    parser.add_argument("--test-per-class", type=_positive_int, default=None)
+    parser.add_argument("--probe-per-class", type=_positive_int, default=500)
+    parser.add_argument("--probe-epochs", type=_positive_int, default=100)
+    parser.add_argument("--knn-k", type=_positive_int, default=20)
+    parser.add_argument("--steps-per-epoch", type=_positive_int, default=None)
+    parser.add_argument("--data-root", type=Path, default=Path("data"))
+    parser.add_argument("--output", type=Path, default=Path("runs") / "batch_sweep")
+    parser.add_argument(
+        "--parallel-runs",
+        type=_positive_int,
+        default=None,
+        help="runs side by side, one thread each (default: one per core)",
+    )
+    parser.add_argument("--threads", type=_positive_int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few images, 1 epoch of 2 steps, batch sizes 8 and 16, one seed",
+    )
+    return parser
+
+
+def parse_options(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parses the command line; ``--smoke`` values become defaults that explicit options beat."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return parser, args
+
+
+# --------------------------------------------------------------------------- tables
+def sweep_row(profile: str, result: RunResult) -> dict[str, Any]:
+    """One flat row per run."""
+    return {
+        "profile": profile,
+        "loss": result.loss,
+        "label": LOSS_LABELS[result.loss],
+        "batch_size": result.batch_size,
+        "seed": result.seed,
+        "steps": sum(h.get("steps", 0) for h in result.history),
+        "knn_all": result.evaluation["knn"]["all"],
+        "knn_tail": result.evaluation["knn"]["tail"],
+        "probe_all": result.evaluation["probe"]["all"],
+        "probe_tail": result.evaluation["probe"]["tail"],
+        "train_seconds": result.train_seconds,
+        "train_cpu_seconds": result.train_cpu_seconds,
+    }
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds per (profile, loss, batch size)."""
+    keys = list(dict.fromkeys((r["profile"], r["loss"], r["batch_size"]) for r in rows))
+    out = []
+    for profile, loss, batch in keys:
+        mine = [
+            r for r in rows if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, batch)
+        ]
+        entry: dict[str, Any] = {
+            "profile": profile,
+            "loss": loss,
+            "label": LOSS_LABELS[loss],
+            "batch_size": batch,
+            "seeds": len(mine),
+        }
+        for name in ("knn_all", "knn_tail", "probe_all", "probe_tail", "train_seconds"):
+            values = [float(r[name]) for r in mine]
+            entry[f"{name}_mean"] = statistics.fmean(values)
+            entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        out.append(entry)
+    return out
+
+
+def batch_effect(
+    summary: Sequence[dict[str, Any]], metric: str = "probe_all"
+) -> list[dict[str, Any]]:
+    """Per profile and loss: accuracy at the smallest minus at the largest batch size (points),
+    with the mean seed-to-seed standard deviation of that profile and loss for scale."""
+    out = []
+    for profile, loss in dict.fromkeys((r["profile"], r["loss"]) for r in summary):
+        mine = sorted(
+            (r for r in summary if (r["profile"], r["loss"]) == (profile, loss)),
+            key=lambda r: r["batch_size"],
+        )
+        if len(mine) < 2:
+            continue
+        small, large = mine[0], mine[-1]
+        stds = [r[f"{metric}_std"] for r in mine if not math.isnan(r[f"{metric}_std"])]
+        out.append(
+            {
+                "profile": profile,
+                "loss": loss,
+                "label": LOSS_LABELS[loss],
+                "small_batch": small["batch_size"],
+                "large_batch": large["batch_size"],
+                "change": small[f"{metric}_mean"] - large[f"{metric}_mean"],
+                "seed_std": statistics.fmean(stds) if stds else math.nan,
+            }
+        )
+    return out
+
+
+def effect_sentence(effect: dict[str, Any]) -> str:
+    """How the change from the largest to the smallest batch compares with seed noise."""
+    change, std = 100 * effect["change"], 100 * effect["seed_std"]
+    text = (
+        f"{effect['label']} ({effect['profile']}): {change:+.1f} points from batch "
+        f"{effect['large_batch']} to {effect['small_batch']}"
+    )
+    if math.isnan(std):
+        return text + " (one seed: no spread to compare with)"
+    if abs(change) <= 2 * std:
+        return text + f", within twice the seed-to-seed standard deviation ({std:.1f})"
+    return text + f", more than twice the seed-to-seed standard deviation ({std:.1f})"
+
+
+def plot_sweep(path: Path, summary: Sequence[dict[str, Any]], profiles: Sequence[str]) -> None:
+    """Accuracy against batch size (log-2 axis), one panel per profile, one colour per loss:
+    linear probe solid, kNN dashed, error bars the standard deviation over seeds."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    losses = list(dict.fromkeys(r["loss"] for r in summary))
+    for ax, profile in zip(axes[0], profiles):
+        for i, loss in enumerate(losses):
+            mine = sorted(
+                (r for r in summary if r["profile"] == profile and r["loss"] == loss),
+                key=lambda r: r["batch_size"],
+            )
+            if not mine:
+                continue
+            batches = [r["batch_size"] for r in mine]
+            for metric, style, label in (
+                ("probe_all", "-o", f"{LOSS_LABELS[loss]} probe"),
+                ("knn_all", "--s", f"{LOSS_LABELS[loss]} kNN"),
+            ):
+                errors = [r[f"{metric}_std"] for r in mine]
+                ax.errorbar(
+                    batches,
+                    [100 * r[f"{metric}_mean"] for r in mine],
+                    yerr=None
+                    if all(math.isnan(e) for e in errors)
+                    else [100 * (0 if math.isnan(e) else e) for e in errors],
+                    fmt=style,
+                    color=cmap(i),
+                    capsize=3,
+                    label=label,
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch_size"] for r in summary}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("batch size (equal epochs)")
+        ax.set_ylabel("top-1 on the balanced test set (%)")
+        ax.set_title(f"Fashion-MNIST, {profile}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pm(row: dict[str, Any], name: str) -> str:
+    mean, std = 100 * row[f"{name}_mean"], 100 * row[f"{name}_std"]
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def markdown(
+    config: dict[str, Any],
+    summary: Sequence[dict[str, Any]],
+    effects: Sequence[dict[str, Any]],
+    minutes: float,
+) -> str:
+    """The sweep's report page."""
+    lines = [
+        "# Batch-size sweep: does a small batch hurt? (SogCLR's claim)",
+        "",
+        f"Command: `{config['command']}`  ",
+        f"{minutes:.1f} minutes on {config['environment']}. Seeds {config['seeds']}; "
+        f"{config['epochs']} epochs at every batch size (smaller batches take more steps); "
+        "the main job's model, optimiser (Adam 1e-3, cosine decay), augmentation and loss "
+        "settings.",
+        "",
+        "Linear-probe top-1 on the balanced test set (%), mean ± standard deviation over seeds:",
+        "",
+    ]
+    batches = sorted({r["batch_size"] for r in summary})
+    for profile in config["profiles"]:
+        lines += [f"**{profile}** ({config['train_images'][profile]} training images)", ""]
+        lines += ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
+        lines += ["|---|" + "---|" * len(batches)]
+        for loss in config["losses"]:
+            cells = []
+            for b in batches:
+                row = next(
+                    (
+                        r
+                        for r in summary
+                        if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
+                    ),
+                    None,
+                )
+                cells.append(_pm(row, "probe_all") if row else "–")
+            lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["kNN top-1 (%), same runs:", ""]
+    for profile in config["profiles"]:
+        lines += [f"**{profile}**", ""]
+        lines += ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
+        lines += ["|---|" + "---|" * len(batches)]
+        for loss in config["losses"]:
+            cells = []
+            for b in batches:
+                row = next(
+                    (
+                        r
+                        for r in summary
+                        if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
+                    ),
+                    None,
+                )
+                cells.append(_pm(row, "knn_all") if row else "–")
+            lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Linear-probe change from the largest to the smallest batch:", ""]
+    lines += [f"- {effect_sentence(e)}." for e in effects]
+    lines += ["", "![accuracy against batch size](sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the sweep; returns the exit status (argument errors exit with status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, args = parse_options(argv)
+    started = time.time()
+    if args.imbalance < 1:
+        parser.error(f"--imbalance must be >= 1, got {args.imbalance:g}.")
+    if any(b < 2 for b in args.batch_sizes):
+        parser.error(f"--batch-sizes must all be >= 2, got {args.batch_sizes}.")
+    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        datas = {
+            "long-tailed": load_long_tail_data(
+                "fashion-mnist",
+                args.data_root,
+                imbalance=args.imbalance,
+                max_per_class=args.max_per_class,
+                test_per_class=args.test_per_class,
+                probe_per_class=args.probe_per_class,
+            )
+        }
+        if "balanced" in args.profiles:
+            # As many images as the long-tailed set, spread evenly over the classes.
+            per_class = len(datas["long-tailed"].train) // datas["long-tailed"].num_classes
+            datas["balanced"] = load_long_tail_data(
+                "fashion-mnist",
+                args.data_root,
+                imbalance=1.0,
+                max_per_class=per_class,
+                test_per_class=args.test_per_class,
+                probe_per_class=args.probe_per_class,
+            )
+    except (DatasetUnavailable, ValueError) as err:
+        parser.error(f"Fashion-MNIST: {err}")
+    for profile in args.profiles:
+        if max(args.batch_sizes) > len(datas[profile].train):
+            parser.error(
+                f"--batch-sizes: {max(args.batch_sizes)} is larger than the "
+                f"{len(datas[profile].train)} {profile} training images."
+            )
+    cores = available_cores()
+    jobs = [
+        Job(
+            loss=loss,
+            seed=seed,
+            label=f"{profile} {loss} batch {batch} seed {seed}",
+            checkpoint=None,
+            data_key=profile,
+            batch_size=batch,
+        )
+        for profile in args.profiles
+        for seed in args.seeds
+        for batch in args.batch_sizes
+        for loss in args.losses
+    ]
+    parallel = max(1, min(args.parallel_runs or cores, len(jobs)))
+    threads = args.threads or max(1, cores // parallel)
+    torch.set_num_threads(threads)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        batch_size=max(args.batch_sizes),
+        precision=resolve_precision("auto", "cpu"),
+        knn_k=args.knn_k,
+        probe_epochs=args.probe_epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        progress=not args.no_progress,
+    )
+    loss_settings = LossSettings(cosine_period_epochs=args.epochs / 5)
+    augment = AugmentSettings.for_dataset("fashion-mnist", 28, 1)
+    context = RunContext(
+        {p: datas[p] for p in args.profiles}, settings, loss_settings, augment, threads
+    )
+    print(
+        f"Batch sweep: {len(jobs)} runs ({', '.join(args.profiles)} x seeds {args.seeds} x "
+        f"batch {args.batch_sizes} x {', '.join(args.losses)}), {args.epochs} epochs each, "
+        f"{parallel} at a time. Report: {args.output}",
+        flush=True,
+    )
+    if parallel > 1:
+        results, _ = run_parallel(jobs, context, parallel)
+    else:
+        results = run_sequential(jobs, context)
+    rows = [sweep_row(job.data_key, r) for job, r in zip(jobs, results)]
+    summary = summarize(rows)
+    effects = batch_effect(summary)
+    minutes = (time.time() - started) / 60
+    config = {
+        "command": "python -m recipes.longtail.sweep " + " ".join(argv),
+        "environment": f"CPU ({cores} cores), {parallel} run(s) at a time, {threads} thread(s) each",
+        "seeds": " ".join(map(str, args.seeds)),
+        "epochs": args.epochs,
+        "profiles": list(args.profiles),
+        "losses": list(args.losses),
+        "train_images": {p: len(datas[p].train) for p in args.profiles},
+        "train": asdict(settings),
+    }
+    write_csv(args.output / "sweep.csv", rows)
+    write_csv(args.output / "sweep_summary.csv", summary)
+    plot_sweep(args.output / "sweep.png", summary, args.profiles)
+    (args.output / "sweep.md").write_text(markdown(config, summary, effects, minutes))
+    print()
+    for effect in effects:
+        print(effect_sentence(effect))
+    print(f"{minutes:.1f} minutes. Report: {args.output / 'sweep.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
