@@ -124,6 +124,7 @@ class ContrastiveLoss(nn.Module):
         self._stats_values: dict[str, Tensor] = {}
         self._stats_temperatures: dict[str, Tensor] = {}
         self._stats_cache: Optional[dict[str, Tensor]] = None
+        self._deferred: list[tuple[Tensor, Any, tuple[str, str], bool]] = []
 
     # ------------------------------------------------------------- epochs, stats
     def set_epoch(self, epoch: int) -> None:
@@ -183,13 +184,21 @@ class ContrastiveLoss(nn.Module):
         features: tuple[Tensor, Tensor],
         index: Optional[IndexLike],
         collective: bool,
-    ) -> Optional[Tensor]:
-        """Checks the features (and the index of a stateful loss); returns the index as int64.
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Checks the features (and the index of a stateful loss).
 
-        Raises a ``ValueError`` naming the problem. With ``collective`` (the step gathers or
-        writes across ranks) every rank learns every rank's verdict through one small all-reduce,
-        so all of them raise together; no state has been changed at that point.
+        Returns ``(index, valid)``: the index as int64 and, when the value checks are deferred,
+        a 0-d bool tensor that says whether the batch is valid (None otherwise). Raises a
+        ``ValueError`` naming the problem. With ``collective`` (the step gathers or writes across
+        ranks) every rank learns every rank's verdict through one small all-reduce, so all of
+        them raise together; no state has been changed at that point.
+
+        Value checks (index range, finite features) need the values on the host. On a CPU that
+        costs nothing; on an accelerator it would stall the step, so there (``sync_checks``
+        None or False) the verdict stays on the device: the state write keeps the old rows when
+        it is negative, and the error is raised at the next call, which reads it.
         """
+        self.raise_deferred_error()
         out0, out1 = features
         problem = pair_features_problem(names[0], out0, names[1], out1)
         checked: Optional[Tensor] = None
@@ -216,25 +225,80 @@ class ContrastiveLoss(nn.Module):
                 4 if self.needs_index else 2
             )
         values = torch.stack(flags)
+        if problem is None and self._defers_checks(device):
+            # Shape problems are known on the host and raised below; values wait on the device.
+            if collective:
+                values = all_reduce_max(values)
+            valid = values[1:3].sum() == 0
+            if checked is not None:
+                n = state.num_samples
+                valid = valid & (values[3] <= 0) & (values[4] < n)
+                checked = checked.clamp(0, n - 1)  # an out-of-range row is never touched
+            self._defer(values, names, collective)
+            return checked, valid
         if collective:
             values = all_reduce_max(values)
-        failed, *values_list = values.tolist()
+        self._verdict(values.tolist(), problem, names, collective)
+        return checked, None
+
+    #: Whether the value checks run before the step (True), after it on the device (False), or
+    #: before it on a CPU and after it on an accelerator (None, the default).
+    sync_checks: Optional[bool] = None
+
+    def _defers_checks(self, device: torch.device) -> bool:
+        if self.sync_checks is None:
+            return device.type != "cpu"
+        return not self.sync_checks
+
+    def _defer(self, values: Tensor, names: tuple[str, str], collective: bool) -> None:
+        if values.device.type == "cuda":
+            # Copied to pinned host memory behind the step's kernels; read once it has landed.
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = values, None
+        self._deferred.append((host, event, names, collective))
+
+    def raise_deferred_error(self, wait: bool = False) -> None:
+        """Raises the error of an earlier batch whose value checks were deferred (see
+        :meth:`check_batch`); that batch did not change the state. Verdicts still on their way
+        from the device are left for a later call unless ``wait`` is True."""
+        while self._deferred:
+            host, event, names, collective = self._deferred[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self._deferred.pop(0)
+            self._verdict(host.tolist(), None, names, collective, previous=True)
+
+    def _verdict(
+        self,
+        values: list[int],
+        problem: Optional[str],
+        names: tuple[str, str],
+        collective: bool,
+        previous: bool = False,
+    ) -> None:
+        failed, *rest = values
         if failed:
             if collective:
                 raise_agreed(problem)
             raise ValueError(problem)
         where = " on at least one rank" if collective else ""
+        which = "the previous batch's " if previous else ""
         unchanged = "; the state was not changed" if self.needs_index else ""
-        for name, bad in zip(names, values_list[:2]):
+        for name, bad in zip(names, rest[:2]):
             if bad:
-                raise ValueError(f"{name} contains NaN or Inf values{where}{unchanged}.")
-        if checked is not None:
-            low, high = -values_list[2], values_list[3]
-            problem = state.range_problem(low, high)
+                raise ValueError(f"{which}{name} contains NaN or Inf values{where}{unchanged}.")
+        if self.needs_index:
+            low, high = -rest[2], rest[3]
+            problem = self.state.range_problem(low, high)
             if problem:
-                raise ValueError(problem + (where and f" (seen{where})"))
+                raise ValueError(which + problem + (where and f" (seen{where})"))
             self._index_high = max(getattr(self, "_index_high", -1), high)
-        return checked
 
 
 class GlobalContrastiveLoss(ContrastiveLoss):
@@ -333,7 +397,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         """
         writes = self.writes_state(out0, out1)
         collective = is_distributed() and (writes or self.gathers())
-        index = self.check_batch(names, (out0, out1), index, collective)
+        index, valid = self.check_batch(names, (out0, out1), index, collective)
         blocks = self.anchor_blocks(out0, out1)
         rows = self.state.read(index, device=blocks[0].sim.device)
         gamma = self.current_gamma
@@ -374,6 +438,8 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             new_rows.update(role_rows)
             temperatures["tau" + block.suffix] = role_rows.get("tau" + block.suffix, tau_rows)
         if writes:
+            if valid is not None:  # deferred checks: an invalid batch writes back the old rows
+                new_rows = {k: torch.where(valid, v, rows[k]) for k, v in new_rows.items()}
             self.state.write(index, new_rows)
             self._after_write(b)
         if len(blocks) > 1:
@@ -391,6 +457,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         seen, high, n = self._samples_seen, self._index_high, self.num_samples
         if (
             "labels" not in self._warned
+            and high >= 0  # a verdict on the index values has arrived (deferred checks lag)
             and seen > LABELS_AS_INDEX_REPEATS * (high + 1)
             and high + 1 <= LABELS_AS_INDEX_FRACTION * n
         ):
