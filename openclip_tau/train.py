@@ -134,7 +134,7 @@ LOSSES: dict[str, LossSpec] = {
     "dystress": LossSpec(
         DySTreSSClipLoss,
         stateful=False,
-        temperature=lambda run: run.stat_mean("tau_positive_mean", run.loss.tau_max),
+        temperature=lambda run: run.stat_mean("tau_positive_mean", run.option("tau_max")),
         temperature_rule="1/mean temperature of the positive pairs over the epoch's steps so far "
         "(tau_max before the first step)",
     ),
@@ -650,8 +650,10 @@ class LossTraining:
 
     def _warn_small_batch(self, args: argparse.Namespace) -> None:
         """iSogCLR: the KL radius must stay below log(B - 1) of the global batch B."""
-        rho = float(getattr(self.loss, "rho", 0.0) or 0.0)
-        if not getattr(getattr(self.loss, "settings", None), "learns", False) or rho <= 0:
+        state = getattr(self.loss, "state", None)
+        learns = state is not None and any(n.startswith("tau_") for n in state.names)
+        rho = self.option("rho")
+        if not learns or rho is None or rho <= 0:
             return
         batch = args.batch_size * args.world_size * args.accum_freq
         limit = math.log(max(batch - 1, 1))
@@ -728,6 +730,12 @@ class LossTraining:
                 logging.WARNING,
             )
         self._log_master(f"openclip_tau: restored the {self.loss_name} loss state from {path}.")
+
+    def option(self, kwarg: str) -> Any:
+        """The loss's keyword ``kwarg`` as given (``--tau-*``) or the class default (or None)."""
+        if kwarg in self.loss_kwargs:
+            return self.loss_kwargs[kwarg]
+        return _class_defaults(self.spec.cls).get(kwarg) if self.ours else None
 
     def _log_master(self, message: str, level: int = logging.INFO) -> None:
         if self.args is None or is_master(self.args):

@@ -199,6 +199,19 @@ def test_stateful_checkpoints_hold_the_state_and_temperatures_move(runs: dict[st
     assert torch.isfinite(sog["state.log_u_image"]).float().mean() > 0.9
 
 
+def test_logit_scale_carries_the_loss_temperature(runs: dict[str, Path]) -> None:
+    """sogclr: ln(1/0.05) exactly; dystress: inside [ln(1/tau_max), ln(1/tau_min)]; clip keeps
+    its learned scale (upstream clamps it at ln(100))."""
+    sog = checkpoint(runs["sogclr"], f"epoch_{EPOCHS}.pt")["state_dict"]["logit_scale"]
+    assert sog.item() == torch.log(1.0 / torch.tensor(0.05)).item()
+    dys = checkpoint(runs["dystress"], f"epoch_{EPOCHS}.pt")["state_dict"]["logit_scale"]
+    assert math.log(1 / 0.1) <= dys.item() <= math.log(1 / 0.03)
+    first = checkpoint(runs["dystress"], "epoch_1.pt")["state_dict"]["logit_scale"]
+    assert first.item() != dys.item()  # the epoch's mean positive temperature moves
+    clip = checkpoint(runs["clip"], f"epoch_{EPOCHS}.pt")["state_dict"]["logit_scale"]
+    assert 0 < clip.item() <= math.log(100) and abs(clip.item() - math.log(1 / 0.07)) < 0.1
+
+
 def test_corrupt_shard_member_is_skipped_and_never_written(runs: dict[str, Path]) -> None:
     log = (runs["isogclr"] / "out.log").read_text()
     assert "Handling webdataset error" in log
