@@ -17,7 +17,13 @@ from tau_core import (
     DySTreSSBase,
     FixedTemperature,
     GlobalContrastiveLoss,
+    GlobalLearnedTemperature,
+    GlobalTemperature,
+    GlobalTemperatureLoss,
     LearnedTemperature,
+    NetworkTemperature,
+    TemperatureNetworkLoss,
+    build_networks,
     gather_with_grad,
     normalized_float32,
     rank,
@@ -229,6 +235,184 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
     @property
     def tau(self) -> Tensor:
         """The current temperature of every sample, shape (num_samples,) (a copy)."""
+        return self.state.table("tau")
+
+
+class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
+    """Global contrastive loss with one global temperature learned by DRO (RGCL-g, FastCLIP-v3).
+
+    SogCLR's loss (see :class:`SogCLRLoss`) whose single temperature is a parameter trained on
+    the robust objective over the dataset's anchors ``i`` (each view of each sample)::
+
+        F(w, tau) = tau * mean_i log(mean_z exp(h_iz / tau)) + tau * rho
+        dF/dtau   = rho + mean_i [log(u_i) - mean_z w_iz * h_iz / tau],   w_iz = exp(h_iz / tau) / u_i
+
+    with ``u_i`` SogCLR's moving average of ``mean_z exp(h_iz / tau)``. The model's gradient is
+    SogCLR's at the current temperature; the temperature's gradient is ``dF/dtau`` (added to the
+    gradient, not to the value). The temperature is kept as ``logit_scale = log(1 / tau)`` (as in
+    FastCLIP) and stepped by the optimizer: put ``param_groups()`` in your optimizer and call
+    ``register_optimizer(optimizer)`` once, or build one with ``optimizer(...)``. Its own
+    learning rate ``lr_tau``, no weight decay; ``tau`` is clamped to ``[tau_min, tau_max]`` at
+    every forward and after every registered step. With ``lr_tau = 0`` it is exactly
+    :class:`SogCLRLoss` at ``temperature = tau_init``. In a process group the temperature's
+    gradient is averaged over ranks in backward, so every rank steps the global batch's.
+
+    The returned value is the objective estimate ``mean_i tau * (log(u_i) + rho)``; ``stats``
+    holds it and the temperature (``tau_mean``, ``tau_p50``, ...). The defaults are this
+    package's choice for SimCLR (no unimodal setting was published): iSogCLR's unimodal rho and
+    bounds, SogCLR's gamma.
+
+    - [0] Wei et al., "FastCLIP: A Suite of Optimization Techniques to Accelerate CLIP Training
+      with Limited Resources", 2024, https://arxiv.org/abs/2407.01445
+    - [1] Qiu et al., iSogCLR (the robust objective), ICML 2023, https://arxiv.org/abs/2305.11965
+
+    Attributes:
+        num_samples: Number of samples in the dataset (size of the per-sample state). Required.
+        rho: KL radius; larger rho gives a smaller temperature. Default 0.4.
+        tau_init: Initial temperature. Default 0.1.
+        tau_min, tau_max: Bounds of the temperature. Defaults 0.05 and 1.0.
+        lr_tau: Learning rate of the temperature's group. Default 2e-4.
+        lr_tau_drop_below: If set, ``lr_tau`` is multiplied by ``lr_tau_drop_factor`` while the
+            temperature is at or below it (FastCLIP: 0.03). Default None.
+        lr_tau_drop_factor: Default 1/3.
+        gamma: Weight of the batch estimate in the moving average, in (0, 1]. Default 0.9.
+        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
+        gather_distributed: If True, negatives are gathered from all processes.
+        state_layout: Layout of the per-sample state. Default "replicated".
+
+    Examples:
+        >>> loss_fn = RGCLGLoss(len(dataset), rho=0.4)
+        >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3)  # or param_groups()
+        >>> for batch in dataloader:
+        >>>     (x0, x1), index = batch[0], batch[-1]
+        >>>     loss = loss_fn(model(x0), model(x1), index)
+        >>>     loss.backward(); optimizer.step(); optimizer.zero_grad()
+        >>> loss_fn.temperature  # the learned global temperature
+    """
+
+    def __init__(
+        self,
+        num_samples: Optional[int] = None,
+        *,
+        rho: float = 0.4,
+        tau_init: float = 0.1,
+        tau_min: float = 0.05,
+        tau_max: float = 1.0,
+        lr_tau: float = 2e-4,
+        lr_tau_drop_below: Optional[float] = None,
+        lr_tau_drop_factor: float = 1.0 / 3.0,
+        gamma: float = 0.9,
+        gamma_decay_epochs: Optional[int] = None,
+        gather_distributed: bool = False,
+        state_layout: str = "replicated",
+    ) -> None:
+        temperature = GlobalTemperature(tau_init, tau_min, tau_max)
+        super().__init__(
+            num_samples,
+            GlobalLearnedTemperature(rho, temperature),
+            gamma,
+            gamma_decay_epochs,
+            gather_distributed,
+            state_layout=state_layout,
+        )
+        self.global_temperature = temperature
+        self._init_schedule(lr_tau, lr_tau_drop_below, lr_tau_drop_factor)
+
+    @property
+    def tau(self) -> Tensor:
+        """The temperature of every sample (all the global one), shape (num_samples,)."""
+        return torch.full((self.num_samples,), self.temperature)
+
+
+class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
+    """iSogCLR with each sample's temperature predicted by a network (TempNet).
+
+    iSogCLR's robust loss (see :class:`ISogCLRLoss`) where ``tau_i = f_theta(z_i)`` comes from a
+    small network (:class:`tau_core.TemperatureNetwork`) of the anchor's own detached,
+    L2-normalised embedding, instead of a per-sample table: it exists for samples never seen in
+    training (``temperature_of``). The two views of a sample share the mean of their two
+    predictions. Per step (h as in :class:`SogCLRLoss`)::
+
+        u_i   <- (1 - gamma) * u_i + gamma * mean_z exp(h_iz / tau_i)
+        grad_i = log(u_i) + rho - mean_z w_iz * h_iz / tau_i,      w_iz = exp(h_iz / tau_i) / u_i
+        loss   = mean_i mean_z w_iz * h_iz   +   mean_i tau_i * [grad_i]_detached (gradient only)
+
+    The model gets iSogCLR's surrogate at the predicted (detached) temperatures; the network gets
+    ``grad_i`` pushed through ``tau_i = f_theta(z_i)`` by the chain rule. Train the network with
+    ``param_groups()`` in your optimizer and ``register_optimizer(optimizer)``, or with
+    ``optimizer(...)``: Adam, ``lr_tau`` decayed by ``lr_tau_decay`` each epoch (``set_epoch``),
+    no weight decay. In a process group the network's gradients are averaged over ranks in
+    backward. The state keeps ``log_u`` and ``tau`` (the temperature predicted at a sample's last
+    visit, NaN before it). The defaults are this package's choice for SimCLR (the published
+    settings are image-text ones, see :class:`openclip_tau.TempNetClipLoss`).
+
+    - [0] Qiu et al., "To Cool or not to Cool? Temperature Network Meets Large Foundation Models
+      via DRO", ICML 2024, https://arxiv.org/abs/2404.04575
+
+    Attributes:
+        num_samples: Number of samples in the dataset. Required.
+        dim: Dimension of the embeddings (the network's input). Required.
+        rho: KL radius. Default 0.4.
+        tau_min, tau_max: Range of the predicted temperatures. Defaults 0.05 and 0.5.
+        lr_tau: Adam learning rate of the network. Default 3e-5.
+        lr_tau_decay: Factor per epoch of that learning rate. Default 0.9.
+        num_prototypes: Prototypes of the network. Default 256.
+        dropout: Dropout rate of the network in training mode. Default 0.5.
+        seed: Seed of the network's initialisation (the same on every rank). Default 0.
+        gamma: Moving-average weight. Default 0.8.
+        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
+        gather_distributed: If True, negatives are gathered from all processes.
+        state_layout: Layout of the per-sample state. Default "replicated".
+
+    Examples:
+        >>> loss_fn = TempNetLoss(len(dataset), dim=128)
+        >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3)
+        >>> loss = loss_fn(model(x0), model(x1), index)
+        >>> loss_fn.temperature_of(model(x_new))  # temperatures of unseen samples
+    """
+
+    def __init__(
+        self,
+        num_samples: Optional[int] = None,
+        *,
+        dim: Optional[int] = None,
+        rho: float = 0.4,
+        tau_min: float = 0.05,
+        tau_max: float = 0.5,
+        lr_tau: float = 3e-5,
+        lr_tau_decay: float = 0.9,
+        num_prototypes: int = 256,
+        dropout: float = 0.5,
+        seed: int = 0,
+        gamma: float = 0.8,
+        gamma_decay_epochs: Optional[int] = None,
+        gather_distributed: bool = False,
+        state_layout: str = "replicated",
+    ) -> None:
+        networks = build_networks(
+            ("sample",), dim, tau_min, tau_max, num_prototypes, dropout, seed, "TempNetLoss"
+        )
+        super().__init__(
+            num_samples,
+            NetworkTemperature(rho, {"": networks["sample"]}),
+            gamma,
+            gamma_decay_epochs,
+            gather_distributed,
+            state_layout=state_layout,
+        )
+        self.temperature_networks = networks
+        self._init_schedule(lr_tau, lr_tau_decay)
+
+    def temperature_of(self, embeddings: Tensor) -> Tensor:
+        """The network's temperature for each row of ``embeddings`` (n, dim), without dropout.
+
+        The embeddings are L2-normalised first, as in training. Returns shape (n,).
+        """
+        return self._predict(embeddings, "sample")
+
+    @property
+    def tau(self) -> Tensor:
+        """Temperature predicted at each sample's last visit (NaN if never), (num_samples,)."""
         return self.state.table("tau")
 
 

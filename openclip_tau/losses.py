@@ -18,7 +18,13 @@ from tau_core import (
     DySTreSSBase,
     FixedTemperature,
     GlobalContrastiveLoss,
+    GlobalLearnedTemperature,
+    GlobalTemperature,
+    GlobalTemperatureLoss,
     LearnedTemperature,
+    NetworkTemperature,
+    TemperatureNetworkLoss,
+    build_networks,
     check_flag,
     gather_with_grad,
     is_distributed,
@@ -136,7 +142,7 @@ class _GlobalContrastiveClipLoss(_ClipMixin, GlobalContrastiveLoss):
     def __init__(
         self,
         num_samples: Optional[int],
-        rule: FixedTemperature | LearnedTemperature,
+        rule: FixedTemperature | LearnedTemperature | GlobalLearnedTemperature | NetworkTemperature,
         gamma: float,
         gamma_decay_epochs: Optional[int],
         local_loss: bool,
@@ -337,6 +343,200 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
     @property
     def tau_text(self) -> Tensor:
         """Temperature of each pair's text anchor, shape (num_samples,) (a copy)."""
+        return self.state.table("tau_text")
+
+
+class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
+    """Image-text global contrastive loss with one global temperature learned by DRO (FastCLIP-v3).
+
+    :class:`SogCLRClipLoss` whose temperature is a parameter trained on the robust objective
+    (Wei et al., FastCLIP, ``FastCLIPLoss`` with ``multiply_tau``, temperature scheme
+    ``global_learnable``)::
+
+        F(w, tau) = tau / |S| * sum_i [log(g_img_i) + log(g_txt_i)] + 2 * rho * tau
+        dF/dtau   = rho + 1/2 * mean_i [log u_img_i + log u_txt_i]
+                    - (1 / tau) * 1/2 * mean_i [mean_z w_iz h_iz  (both roles)]
+
+    with ``u`` SogCLR's moving averages and ``w_iz = exp(h_iz / tau) / u_i``. The model's gradient
+    is SogCLR's at the current temperature (and the value is the objective estimate, half of
+    ``F``'s batch estimate); the temperature gets ``dF/dtau``. It is kept as
+    ``logit_scale = log(1 / tau)`` in this loss (not the model's ``logit_scale``, which is unused
+    and kept in the graph with weight 0), stepped by the optimizer in its own group
+    (``param_groups()``: lr ``lr_tau``, weight decay 0; FastCLIP uses AdamW with the model's
+    betas) and clamped to ``[tau_min, tau_max]`` at every forward and after every step of an
+    optimizer given to ``register_optimizer``. ``lr_tau`` is divided by 3 while tau <= 0.03
+    (FastCLIP's ``step_thresh``). Under DDP the temperature's gradient is averaged over ranks in
+    backward: every rank steps the global batch's gradient. With ``lr_tau = 0`` it is exactly
+    :class:`SogCLRClipLoss` at ``temperature = tau_init`` (the value shifted by ``tau * rho``).
+
+    Defaults: FastCLIP's published CC3M setting (ResNet-50, global batch 1024, 37 epochs):
+    tau_init 0.07, [0.01, 1.0], rho 6.5, lr_tau 2e-4, gamma 0.2 with a cosine decay from 1.0
+    over 18 epochs (call ``set_epoch``). CC12M: rho 8.5, lr_tau 1e-4, 16 decay epochs.
+
+    - [0] Wei et al., FastCLIP, 2024, https://arxiv.org/abs/2407.01445
+
+    Attributes:
+        num_samples: Number of image-text pairs. Required.
+        rho: KL radius. Default 6.5.
+        tau_init, tau_min, tau_max: Initial temperature and bounds. Defaults 0.07, 0.01, 1.0.
+        lr_tau: Learning rate of the temperature. Default 2e-4.
+        lr_tau_drop_below, lr_tau_drop_factor: ``lr_tau`` times the factor while tau is at or
+            below the threshold. Defaults 0.03 and 1/3 (None switches the drop off).
+        gamma: Final moving-average weight. Default 0.2.
+        gamma_decay_epochs: Cosine decay of gamma from 1.0. Default 18.
+        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
+        state_layout: Layout of the per-sample state. Default "replicated".
+
+    Examples:
+        >>> loss_fn = RGCLGClipLoss(2_723_840)
+        >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3, weight_decay=0.1)
+        >>> loss = loss_fn(image_features, text_features, logit_scale, index=index)
+        >>> loss_fn.temperature  # the learned global temperature
+    """
+
+    def __init__(
+        self,
+        num_samples: Optional[int] = None,
+        *,
+        rho: float = 6.5,
+        tau_init: float = 0.07,
+        tau_min: float = 0.01,
+        tau_max: float = 1.0,
+        lr_tau: float = 2e-4,
+        lr_tau_drop_below: Optional[float] = 0.03,
+        lr_tau_drop_factor: float = 1.0 / 3.0,
+        gamma: float = 0.2,
+        gamma_decay_epochs: Optional[int] = 18,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        state_layout: str = "replicated",
+    ) -> None:
+        temperature = GlobalTemperature(tau_init, tau_min, tau_max)
+        super().__init__(
+            num_samples,
+            GlobalLearnedTemperature(rho, temperature),
+            gamma,
+            gamma_decay_epochs,
+            local_loss,
+            gather_with_grad,
+            rank,
+            world_size,
+            state_layout,
+        )
+        self.global_temperature = temperature
+        self._init_schedule(lr_tau, lr_tau_drop_below, lr_tau_drop_factor)
+
+    def temperature_of(self, embeddings: Tensor, role: str = "image") -> Tensor:
+        """The temperature of each row of ``embeddings`` (n, dim): the global one, shape (n,)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {list(ROLES)}, got {role!r}.")
+        return torch.full((embeddings.shape[0],), self.temperature, device=embeddings.device)
+
+
+class TempNetClipLoss(TemperatureNetworkLoss, _GlobalContrastiveClipLoss):
+    """Image-text iSogCLR with temperatures predicted by an image and a text network (TempNet).
+
+    :class:`ISogCLRClipLoss` where image anchor ``i`` gets ``tau_i = f_image(z_i)`` and text
+    anchor ``i`` gets ``f_text(t_i)`` from its own detached, L2-normalised embedding
+    (:class:`tau_core.TemperatureNetwork`, ``TempGenerator`` of the reference code), so any new
+    image or caption has a temperature (``temperature_of``). Per anchor and role::
+
+        u_i   <- (1 - gamma) * u_i + gamma * mean_z exp(h_iz / tau_i)
+        grad_i = log(u_i) + rho - mean_z w_iz * h_iz / tau_i,      w_iz = exp(h_iz / tau_i) / u_i
+        loss   = 1/2 * sum_roles [ mean_i mean_z w_iz * h_iz  +  mean_i tau_i * [grad_i]_detached ]
+
+    where the second term enters the gradient only: the model gets iSogCLR's surrogate at the
+    predicted (detached) temperatures, each network its role's ``grad_i`` pushed through
+    ``tau_i = f(z_i)``. The networks train with Adam in their own group (``param_groups()``,
+    ``register_optimizer`` or ``optimizer(...)``): lr 3e-5 times 0.9 per epoch (``set_epoch``),
+    no weight decay; under DDP their gradients are averaged over ranks in backward. The state
+    keeps ``log_u_image``, ``log_u_text`` and the temperatures predicted at each pair's last
+    visit (``tau_image``, ``tau_text``; NaN before it). The positive is left out of the
+    negatives (as in :class:`ISogCLRClipLoss`).
+
+    Defaults: the CC3M script of the reference code (ResNet-50 + DistilBERT, 30 epochs): rho 7.0,
+    gamma 0.8, temperatures in [0.005, 0.05], 256 prototypes, dropout 0.5.
+
+    - [0] Qiu et al., "To Cool or not to Cool? Temperature Network Meets Large Foundation Models
+      via DRO", ICML 2024, https://arxiv.org/abs/2404.04575
+
+    Attributes:
+        num_samples: Number of image-text pairs. Required.
+        dim: Embedding dimension (the model's ``embed_dim``). Required.
+        rho: KL radius. Default 7.0.
+        tau_min, tau_max: Range of the predicted temperatures. Defaults 0.005 and 0.05.
+        lr_tau: Adam learning rate of the networks. Default 3e-5.
+        lr_tau_decay: Factor per epoch of that learning rate. Default 0.9.
+        num_prototypes: Prototypes per network. Default 256.
+        dropout: Dropout rate of the networks in training mode. Default 0.5.
+        seed: Seed of the image network's initialisation (text: seed + 1). Default 0.
+        gamma: Moving-average weight. Default 0.8.
+        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
+        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
+        state_layout: Layout of the per-sample state. Default "replicated".
+
+    Examples:
+        >>> loss_fn = TempNetClipLoss(2_723_840, dim=1024)
+        >>> optimizer = loss_fn.optimizer(model.parameters(), lr=2e-4, weight_decay=0.02)
+        >>> loss = loss_fn(image_features, text_features, logit_scale, index=index)
+        >>> loss_fn.temperature_of(new_image_features, role="image")
+    """
+
+    def __init__(
+        self,
+        num_samples: Optional[int] = None,
+        *,
+        dim: Optional[int] = None,
+        rho: float = 7.0,
+        tau_min: float = 0.005,
+        tau_max: float = 0.05,
+        lr_tau: float = 3e-5,
+        lr_tau_decay: float = 0.9,
+        num_prototypes: int = 256,
+        dropout: float = 0.5,
+        seed: int = 0,
+        gamma: float = 0.8,
+        gamma_decay_epochs: Optional[int] = None,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        state_layout: str = "replicated",
+    ) -> None:
+        networks = build_networks(
+            ROLES, dim, tau_min, tau_max, num_prototypes, dropout, seed, "TempNetClipLoss"
+        )
+        super().__init__(
+            num_samples,
+            NetworkTemperature(rho, {f"_{role}": networks[role] for role in ROLES}),
+            gamma,
+            gamma_decay_epochs,
+            local_loss,
+            gather_with_grad,
+            rank,
+            world_size,
+            state_layout,
+        )
+        self.temperature_networks = networks
+        self._init_schedule(lr_tau, lr_tau_decay)
+
+    def temperature_of(self, embeddings: Tensor, role: str = "image") -> Tensor:
+        """The ``role`` network's temperature for each row of ``embeddings`` (n, dim).
+
+        Without dropout; the embeddings are L2-normalised first, as in training. Shape (n,).
+        """
+        return self._predict(embeddings, role)
+
+    @property
+    def tau_image(self) -> Tensor:
+        """Temperature predicted for each pair's image at its last visit (NaN if never)."""
+        return self.state.table("tau_image")
+
+    @property
+    def tau_text(self) -> Tensor:
+        """Temperature predicted for each pair's caption at its last visit (NaN if never)."""
         return self.state.table("tau_text")
 
 

@@ -40,6 +40,17 @@ from tau_core.losses import (
 )
 from tau_core.state import STATE_LAYOUTS, PerSampleState, make_state
 from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
+from tau_core.trained import (
+    GlobalLearnedTemperature,
+    GlobalTemperature,
+    GlobalTemperatureLoss,
+    NetworkTemperature,
+    TemperatureNetwork,
+    TemperatureNetworkLoss,
+    TrainedTemperatureMixin,
+    average_gradient_over_ranks,
+    build_networks,
+)
 
 __all__ = [
     "DYSTRESS_MONOTONE_RATIO",
@@ -49,12 +60,21 @@ __all__ = [
     "DySTreSSBase",
     "FixedTemperature",
     "GlobalContrastiveLoss",
+    "GlobalLearnedTemperature",
+    "GlobalTemperature",
+    "GlobalTemperatureLoss",
     "LearnedTemperature",
+    "NetworkTemperature",
     "PerSampleState",
     "STATE_LAYOUTS",
     "make_state",
+    "TemperatureNetwork",
+    "TemperatureNetworkLoss",
     "TemperatureRule",
+    "TrainedTemperatureMixin",
     "all_reduce_max",
+    "average_gradient_over_ranks",
+    "build_networks",
     "check_flag",
     "check_number",
     "check_optional_epochs",

@@ -292,3 +292,106 @@ def dystress_image_text(
     value = _cross_entropy_rows(e_img, e_txt, rows, tau_min, tau_max, scale, g_img, g_txt)
     value += _cross_entropy_rows(e_txt, e_img, rows, tau_min, tau_max, scale, g_txt, g_img)
     return value, input_gradient(image, g_img), input_gradient(text, g_txt)
+
+
+# ---------------------------------------------------------------- RGCL-g and TempNet
+
+
+def _anchor_tau(state: ReferenceState, i: int, settings: Settings) -> float:
+    return state.tau[i] if settings.learn_tau else settings.tau_init
+
+
+def image_text_grad_tau(
+    image: np.ndarray, text: np.ndarray, index: Sequence[int], states: dict, settings: Settings
+) -> dict[str, np.ndarray]:
+    """Each anchor's temperature gradient ``grad_tau_i`` (unclipped), by role; no state change.
+
+    The temperature of anchor ``k`` is ``states[role].tau[index[k]]`` with ``learn_tau``, else
+    ``settings.tau_init``; ``u`` is the updated moving average, as in :func:`anchor_update`.
+    """
+    b = len(index)
+    e_img, e_txt = normalize(image), normalize(text)
+    out = {}
+    for role, anchors, candidates in (("image", e_img, e_txt), ("text", e_txt, e_img)):
+        state = states[role]
+        grads = np.zeros(b)
+        for k in range(b):
+            i = int(index[k])
+            h = [
+                anchors[k] @ candidates[z] - anchors[k] @ candidates[k] for z in range(b) if z != k
+            ]
+            _, _, grads[k], _ = anchor_update(
+                h, _anchor_tau(state, i, settings), state.u[i], state.visited[i], settings
+            )
+        out[role] = grads
+    return out
+
+
+def unimodal_grad_tau(
+    out0: np.ndarray, out1: np.ndarray, index: Sequence[int], states: dict, settings: Settings
+) -> np.ndarray:
+    """``grad_tau`` of each of the ``2B`` anchor rows ``[view0; view1]``; no state change."""
+    state = states["sample"]
+    b = len(index)
+    e = normalize(np.concatenate([out0, out1]))
+    grads = np.zeros(2 * b)
+    for k in range(b):
+        i = int(index[k])
+        for view in (0, 1):
+            a, p = view * b + k, (1 - view) * b + k
+            h = [e[a] @ e[z] - e[a] @ e[p] for z in range(2 * b) if z not in (a, p)]
+            _, _, grads[a], _ = anchor_update(
+                h, _anchor_tau(state, i, settings), state.u[i], state.visited[i], settings
+            )
+    return grads
+
+
+def rgclg_objective_image_text(
+    image: np.ndarray, text: np.ndarray, tau: float, rho: float
+) -> float:
+    """FastCLIP-v3's objective on one batch with the batch as the whole dataset, halved:
+    ``1/2 * mean_i [robust_i(image anchor) + robust_i(text anchor)]`` (ALGORITHMS.md, F / 2)."""
+    b = image.shape[0]
+    e_img, e_txt = normalize(image), normalize(text)
+    total = 0.0
+    for anchors, candidates in ((e_img, e_txt), (e_txt, e_img)):
+        for k in range(b):
+            h = [
+                anchors[k] @ candidates[z] - anchors[k] @ candidates[k] for z in range(b) if z != k
+            ]
+            total += robust_objective(h, tau, rho) / (2 * b)
+    return total
+
+
+def rgclg_objective_unimodal(out0: np.ndarray, out1: np.ndarray, tau: float, rho: float) -> float:
+    """The unimodal RGCL-g objective on one batch: mean over the ``2B`` anchors."""
+    b = out0.shape[0]
+    e = normalize(np.concatenate([out0, out1]))
+    total = 0.0
+    for a in range(2 * b):
+        p = (a + b) % (2 * b)
+        h = [e[a] @ e[z] - e[a] @ e[p] for z in range(2 * b) if z not in (a, p)]
+        total += robust_objective(h, tau, rho) / (2 * b)
+    return total
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def tempnet_forward(z: np.ndarray, params: dict, tau_min: float, tau_max: float) -> np.ndarray:
+    """TempNet's generator without dropout, from its equations (ALGORITHMS.md), in float64.
+
+    ``params``: ``proj.weight`` (d, d), ``proj.bias`` (d,), ``prototypes`` (M, d), ``log_scale``,
+    ``head.weight`` (1, M), ``head.bias`` (1,).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    x = _sigmoid(z @ params["proj.weight"].T + params["proj.bias"])
+    protos = params["prototypes"] / np.linalg.norm(params["prototypes"], axis=1, keepdims=True)
+    prods = x @ protos.T
+    m = prods.shape[1]
+    scaled = prods / math.exp(float(params["log_scale"]))
+    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    t = ((weights - 1.0 / m) * _sigmoid(prods)) @ params["head.weight"][0] + params["head.bias"][0]
+    return tau_min + (tau_max - tau_min) * _sigmoid(t)
