@@ -134,9 +134,13 @@ LOSSES: dict[str, LossSpec] = {
     "dystress": LossSpec(
         DySTreSSClipLoss,
         stateful=False,
-        temperature=lambda run: run.stat_mean("tau_positive_mean", run.option("tau_max")),
+        # Until an epoch's first step the scale keeps its value (the last epoch's, also after a
+        # resume); before the run's first step it is 1/tau_max.
+        temperature=lambda run: run.stat_mean(
+            "tau_positive_mean", run.option("tau_max") if run.epoch == 0 else None
+        ),
         temperature_rule="1/mean temperature of the positive pairs over the epoch's steps so far "
-        "(tau_max before the first step)",
+        "(1/tau_max before the first step)",
     ),
 }
 LOSS_CHOICES = ("clip", "siglip", *LOSSES)

@@ -407,8 +407,8 @@ def test_table_statistics_are_quantiles_of_the_visited_rows() -> None:
     assert stats["t_min"] == values.min() and stats["t_max"] == values.max()
 
     loss = train.ISogCLRClipLoss(num_samples=50, tau_init=0.05, rho=0.5)
-    features = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-    loss(features, features.roll(1, 1), None, index=torch.arange(8) * 3)
+    features = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+    loss(features, features.roll(1, 1), None, index=torch.arange(8) * 3)  # a training step
     run_ = train.LossTraining(argparse.Namespace(loss="isogclr", **_no_options()))
     run_.loss = loss
     table = run_.table_stats()
