@@ -94,3 +94,78 @@ def require_distributed(gather_distributed: bool) -> None:
             "Please set gather_distributed=False or install a torch version with "
             "distributed support."
         )
+
+
+# ----------------------------------------------------------------- exchanges of the sharded state
+def backend_has_all_to_all(device: torch.device) -> bool:
+    """Whether the default group's backend runs ``all_to_all_single`` on tensors of ``device``.
+
+    NCCL (CUDA tensors), MPI, and Gloo on CPU tensors do; Gloo on CUDA tensors does not. A group
+    made without a backend (``"cpu:gloo,cuda:nccl"``) answers for the backend of ``device``'s type.
+    """
+    backend = str(torch_dist.get_backend()).lower()
+    if ":" in backend:  # e.g. "cpu:gloo,cuda:nccl"
+        per_device = dict(part.split(":", 1) for part in backend.split(","))
+        backend = per_device.get(device.type, "")
+    if backend == "gloo":
+        return device.type == "cpu"
+    return backend in ("nccl", "mpi")
+
+
+def all_to_all_counts(send_counts: Tensor) -> Tensor:
+    """``recv[s]``: how many entries rank ``s`` sends to this rank, given ``send_counts[d]``.
+
+    ``send_counts`` is an int64 tensor of ``world_size`` entries (one per destination); a
+    collective (``all_to_all_single``): every rank must call it.
+    """
+    received = torch.empty_like(send_counts)
+    torch_dist.all_to_all_single(received, send_counts.contiguous())
+    return received
+
+
+def all_to_all_variable(x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+    """Sends ``x``'s rows ``[sum(send_counts[:d]), ...)`` to rank ``d``; returns what arrived.
+
+    The rows from rank 0 come first, then rank 1's, each in the order they were sent. A
+    collective: every rank must call it with matching counts (see :func:`all_to_all_counts`).
+    """
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    torch_dist.all_to_all_single(
+        out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts
+    )
+    return out
+
+
+def all_gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's ``n`` (e.g. its batch size), in rank order (a collective)."""
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    return concat_all_gather(local).tolist()
+
+
+def all_gather_known_sizes(x: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Every rank's ``x`` (rank ``r``'s has ``sizes[r]`` rows), in rank order.
+
+    ``all_gather`` needs equal shapes, so each rank pads to ``max(sizes)`` rows and the padding is
+    cut off afterwards. A collective: every rank must call it with the same ``sizes``.
+    """
+    if not is_distributed():
+        return [x]
+    longest = max(sizes)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    output = [torch.empty_like(padded) for _ in sizes]
+    torch_dist.all_gather(output, padded)
+    return [part[:size] for part, size in zip(output, sizes)]
+
+
+def all_gather_variable(x: Tensor) -> list[Tensor]:
+    """Every rank's ``x``, in rank order, when ranks may hold different numbers of rows."""
+    if not is_distributed():
+        return [x]
+    return all_gather_known_sizes(x, all_gather_sizes(x.shape[0], x.device))
+
+
+def barrier() -> None:
+    """Waits for every rank (nothing without a process group)."""
+    if is_distributed():
+        torch_dist.barrier()
