@@ -4,9 +4,11 @@
     python -m recipes.benchmark_losses --side lightly --batch-sizes 128 512 2048
     python -m recipes.benchmark_losses --device cuda
 
-Lightly side: forward+backward of SogCLRLoss, ISogCLRLoss and DySTreSSLoss against
-``lightly.loss.NTXentLoss`` (dimension 128). OpenCLIP side: SogCLRClipLoss, ISogCLRClipLoss and
-DySTreSSClipLoss against ``open_clip.ClipLoss`` (dimension 512). Then one step of ISogCLRLoss at
+Lightly side: forward+backward of SogCLRLoss, ISogCLRLoss, RGCLGLoss, TempNetLoss and
+DySTreSSLoss against ``lightly.loss.NTXentLoss`` (dimension 128). OpenCLIP side: SogCLRClipLoss,
+ISogCLRClipLoss, RGCLGClipLoss, TempNetClipLoss and DySTreSSClipLoss against
+``open_clip.ClipLoss`` (dimension 512). RGCL-g's and TempNet's times include the backward pass
+into their temperature parameter and networks (not the optimizer step). Then one step of ISogCLRLoss at
 num_samples 1e4 and 1e8, to show that a step's cost does not grow with the dataset.
 
 Times: one process per batch size calls every loss once per round, for several rounds after a
@@ -31,8 +33,22 @@ from typing import Callable
 
 BASELINES = {"lightly": "NTXentLoss", "openclip": "ClipLoss"}
 LOSSES = {
-    "lightly": ["NTXentLoss", "SogCLRLoss", "ISogCLRLoss", "DySTreSSLoss"],
-    "openclip": ["ClipLoss", "SogCLRClipLoss", "ISogCLRClipLoss", "DySTreSSClipLoss"],
+    "lightly": [
+        "NTXentLoss",
+        "SogCLRLoss",
+        "ISogCLRLoss",
+        "RGCLGLoss",
+        "TempNetLoss",
+        "DySTreSSLoss",
+    ],
+    "openclip": [
+        "ClipLoss",
+        "SogCLRClipLoss",
+        "ISogCLRClipLoss",
+        "RGCLGClipLoss",
+        "TempNetClipLoss",
+        "DySTreSSClipLoss",
+    ],
 }
 DEFAULT_BATCHES = {"lightly": [128, 512, 2048], "openclip": [256, 1024, 4096]}
 DIMS = {"lightly": 128, "openclip": 512}
@@ -56,6 +72,8 @@ def _make_step(
             "NTXentLoss": lambda: NTXentLoss(temperature=0.1),
             "SogCLRLoss": lambda: lightly_tau.SogCLRLoss(num_samples),
             "ISogCLRLoss": lambda: lightly_tau.ISogCLRLoss(num_samples),
+            "RGCLGLoss": lambda: lightly_tau.RGCLGLoss(num_samples),
+            "TempNetLoss": lambda: lightly_tau.TempNetLoss(num_samples, dim=dim),
             "DySTreSSLoss": lambda: lightly_tau.DySTreSSLoss(),
         }[name]().to(device)
         if name in ("NTXentLoss", "DySTreSSLoss"):
@@ -74,6 +92,8 @@ def _make_step(
         "ClipLoss": lambda: open_clip.ClipLoss(),
         "SogCLRClipLoss": lambda: openclip_tau.SogCLRClipLoss(num_samples),
         "ISogCLRClipLoss": lambda: openclip_tau.ISogCLRClipLoss(num_samples),
+        "RGCLGClipLoss": lambda: openclip_tau.RGCLGClipLoss(num_samples),
+        "TempNetClipLoss": lambda: openclip_tau.TempNetClipLoss(num_samples, dim=dim),
         "DySTreSSClipLoss": lambda: openclip_tau.DySTreSSClipLoss(),
     }[name]().to(device)
     if name in ("ClipLoss", "DySTreSSClipLoss"):
