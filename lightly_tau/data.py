@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sized
+from typing import Any, Callable, Sized
 
+import torch
 from torch.utils.data import Dataset
 
 
@@ -43,3 +44,30 @@ class IndexedDataset(Dataset):
         if name == "dataset" or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class IndexedCollate:
+    """Wraps a collate function so that it passes the index of an :class:`IndexedDataset` on.
+
+    Collate functions written for three-field items, such as Lightly's ``MultiViewCollate``
+    (``(views, target, filename)``), fail on the index as a fourth field. This one hands each
+    item without its index to ``collate_fn`` and appends the batch's indices as an int64 tensor:
+    the batch becomes ``(*collate_fn(items), index)``, so ``batch[0]`` is unchanged and
+    ``batch[-1]`` is the index.
+
+    Examples:
+        >>> dataset = IndexedDataset(LightlyDataset("path/to/folder", transform=SimCLRTransform()))
+        >>> loader = DataLoader(dataset, batch_size=256, collate_fn=IndexedCollate(MultiViewCollate()))
+        >>> for batch in loader:
+        >>>     (x0, x1), index = batch[0], batch[-1]
+    """
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        batch = self.collate_fn([item[:-1] for item in items])
+        index = torch.tensor([item[-1] for item in items], dtype=torch.long)
+        if isinstance(batch, tuple):
+            return (*batch, index)
+        return (batch, index)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
+
+#: Device of the loss tests (``pytest --device cuda`` or ``TAU_TEST_DEVICE``); CPU by default.
+DEVICE = torch.device(os.environ.get("TAU_TEST_DEVICE", "cpu"))
+
+
+def on_device(loss, *tensors):
+    """The loss moved to :data:`DEVICE`, and the tensors (and index lists) with it."""
+    moved = [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+    # A plain function (a reference built from the host's loss) has nothing to move.
+    return (loss.to(DEVICE) if hasattr(loss, "to") else loss), moved
 
 
 def tables(loss) -> dict[str, np.ndarray]:
     """Every per-sample table of a loss's state, as float64 NumPy."""
-    return {name: loss.state.table(name).double().numpy() for name in loss.state.names}
+    return {name: loss.state.table(name).double().cpu().numpy() for name in loss.state.names}
 
 
 def reference_tables(states: dict, learn_tau: bool) -> dict[str, np.ndarray]:

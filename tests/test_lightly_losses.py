@@ -10,7 +10,7 @@ import pytest
 import references as ref
 import torch
 from lightly.loss import DCLLoss, NTXentLoss
-from loss_checks import assert_step, assert_tables, reference_tables, tables
+from loss_checks import assert_step, assert_tables, on_device, reference_tables, tables
 
 from lightly_tau import DySTreSSLoss, ISogCLRLoss, SogCLRLoss, dystress_temperature
 from tau_core import (
@@ -51,11 +51,12 @@ def views(batch: int, seed: int, noise: float = 0.7) -> tuple[torch.Tensor, torc
 
 def run(loss, out0, out1, *args) -> tuple[float, np.ndarray, np.ndarray]:
     """Value and input gradients of one call, as float64 NumPy."""
+    loss, (out0, out1, *args) = on_device(loss, out0, out1, *args)
     x0 = out0.detach().clone().requires_grad_(True)
     x1 = out1.detach().clone().requires_grad_(True)
     value = loss(x0, x1, *args)
     value.backward()
-    return value.item(), x0.grad.double().numpy(), x1.grad.double().numpy()
+    return value.item(), x0.grad.double().cpu().numpy(), x1.grad.double().cpu().numpy()
 
 
 # ---------------------------------------------------------------- NumPy references

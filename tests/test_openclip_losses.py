@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import references as ref
 import torch
-from loss_checks import assert_step, assert_tables, reference_tables, tables
+from loss_checks import assert_step, assert_tables, on_device, reference_tables, tables
 from open_clip import ClipLoss
 from torch.nn import functional as F
 
@@ -45,11 +45,14 @@ def pairs(batch: int, seed: int, noise: float = 0.8) -> tuple[torch.Tensor, torc
 
 def run(loss, image, text, **kwargs) -> tuple[float, np.ndarray, np.ndarray]:
     """Value and feature gradients of one call, as float64 NumPy."""
+    names = list(kwargs)
+    loss, (image, text, *values) = on_device(loss, image, text, *kwargs.values())
+    kwargs = dict(zip(names, values))
     xi = image.detach().clone().requires_grad_(True)
     xt = text.detach().clone().requires_grad_(True)
-    value = loss(xi, xt, torch.tensor(1 / 0.07), **kwargs)
+    value = loss(xi, xt, torch.tensor(1 / 0.07, device=xi.device), **kwargs)
     value.backward()
-    return value.item(), xi.grad.double().numpy(), xt.grad.double().numpy()
+    return value.item(), xi.grad.double().cpu().numpy(), xt.grad.double().cpu().numpy()
 
 
 # ---------------------------------------------------------------- NumPy references
