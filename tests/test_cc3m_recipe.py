@@ -282,6 +282,49 @@ def test_analysis_correlations_on_a_constructed_state(tmp_path: Path, smoke_run:
     assert by_key[str(highest["key"].iloc[0])] == highest["caption"].iloc[0]
 
 
+def test_tempnet_held_out_temperatures_beside_the_training_ones(tmp_path: Path) -> None:
+    """A TempNet loss state: the analysis rebuilds its networks and gives held-out embeddings
+    the temperatures the loss itself gives them, and plots them beside the training pairs'."""
+    from openclip_tau import TempNetClipLoss
+
+    loss = TempNetClipLoss(10, dim=6, num_prototypes=8, lr_tau=0.05)
+    optimizer = torch.optim.Adam(loss.param_groups(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        image = torch.randn(5, 6, generator=g, requires_grad=True)
+        text = torch.randn(5, 6, generator=g)
+        loss(image, text, None, index=torch.randperm(10, generator=g)[:5]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    checkpoint = tmp_path / "epoch_1.pt"
+    torch.save({"loss_state_dict": loss.state_dict(), "loss_name": "tempnet"}, checkpoint)
+    held_out = {"image": torch.randn(7, 6, generator=g), "text": torch.randn(4, 6, generator=g)}
+    torch.save(held_out, tmp_path / "held_out.pt")
+    got = analyze.held_out_temperatures(checkpoint, tmp_path / "held_out.pt")
+    for role in ("image", "text"):
+        want = loss.temperature_of(held_out[role], role=role).numpy()
+        np.testing.assert_allclose(got[role], want, rtol=1e-6)
+    tables, _ = analyze.load_temperature_tables(checkpoint)
+    visited = np.isfinite(tables["log_u_image"])
+    assert np.isfinite(tables["tau_image"][visited]).all()
+    assert np.isnan(tables["tau_image"][~visited]).all()
+    frame = pd.DataFrame(
+        {
+            f"{c}_{role}": tables[f"tau_{role}"]
+            if c == "tau"
+            else np.isfinite(tables[f"log_u_{role}"])
+            for role in ("image", "text")
+            for c in ("tau", "visited")
+        }
+    )
+    analyze.plot_train_vs_held_out(frame, got, tmp_path / "tau_train_vs_held_out.png")
+    assert (tmp_path / "tau_train_vs_held_out.png").stat().st_size > 1000
+    with pytest.raises(analyze.AnalysisInputError, match="TempNet checkpoint"):
+        isogclr = tmp_path / "isogclr.pt"
+        torch.save({"loss_state_dict": {"state.tau_image": torch.ones(3)}}, isogclr)
+        analyze.held_out_temperatures(isogclr, tmp_path / "held_out.pt")
+
+
 def test_word_frequencies_and_spearman_by_hand() -> None:
     table = analyze.word_frequency_table(["a red bag", "a bag", "a red coat", "a bag"])
     # document frequencies: a 4, bag 3, red 2, coat 1

@@ -12,7 +12,10 @@ key index (index k -> sample key) and the shards' captions, and writes to ``--ou
   with a two-sided permutation p-value (``--permutations`` re-pairings, so p is at least
   1 / (permutations + 1));
 - ``temperatures.parquet``: one row per sample (index, key, caption, temperatures, frequencies);
-- ``summary.json`` and ``summary.md``: counts, quantiles and the correlations.
+- ``summary.json`` and ``summary.md``: counts, quantiles and the correlations;
+- with ``--held-out-embeddings`` (a TempNet run): ``tau_train_vs_held_out.png``, the temperatures
+  TempNet's networks give held-out image and caption embeddings beside the training pairs'
+  (their temperature at their last visit), and their quantiles in the summary.
 
 A word's frequency is the number of captions in the dataset that contain it (lower-cased
 alphanumeric words). Per caption: ``rarest_word_frequency`` (its least frequent word),
@@ -148,6 +151,81 @@ def spearman(
     n = int(np.sum(~(np.isnan(x) | np.isnan(y))))
     rho, p = temperature_analysis.spearman(x, y, permutations)
     return rho, p, n
+
+
+def load_temperature_networks(checkpoint: Path, tau_min: float, tau_max: float) -> dict[str, Any]:
+    """TempNet's image and text networks from a checkpoint's loss state, in eval mode.
+
+    The dimension and the number of prototypes are read from the weights; the temperature range
+    is not in the state (``tau_min``, ``tau_max``: the run's, default the published 0.005, 0.05).
+    """
+    import torch
+
+    from tau_core import TemperatureNetwork
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = saved.get("loss_state_dict", saved) if isinstance(saved, Mapping) else {}
+    networks = {}
+    for role in ROLES:
+        prefix = f"temperature_networks.{role}."
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            raise AnalysisInputError(
+                f"the loss state in {checkpoint} has no {role} temperature network: held-out "
+                "temperatures need a TempNet checkpoint (--loss tempnet)."
+            )
+        m, dim = weights["prototypes"].shape
+        net = TemperatureNetwork(dim, tau_min, tau_max, num_prototypes=m)
+        net.load_state_dict(weights)
+        networks[role] = net.eval()
+    return networks
+
+
+def held_out_temperatures(
+    checkpoint: Path, embeddings: Path, tau_min: float = 0.005, tau_max: float = 0.05
+) -> dict[str, np.ndarray]:
+    """TempNet's temperature of each held-out image and caption embedding.
+
+    ``embeddings`` is a ``torch.save``d dict ``{"image": (n, d), "text": (m, d)}`` of the trained
+    model's embeddings of pairs it was not trained on (e.g. a validation split).
+    """
+    import torch
+
+    if not Path(embeddings).is_file():
+        raise AnalysisInputError(f"held-out embeddings not found: {embeddings}")
+    held_out = torch.load(embeddings, map_location="cpu", weights_only=False)
+    networks = load_temperature_networks(checkpoint, tau_min, tau_max)
+    out = {}
+    with torch.no_grad():
+        for role in ROLES:
+            if role not in held_out:
+                raise AnalysisInputError(f"{embeddings} has no {role!r} embeddings.")
+            z = torch.nn.functional.normalize(torch.as_tensor(held_out[role]).float(), dim=1)
+            out[role] = networks[role](z).numpy()
+    return out
+
+
+def plot_train_vs_held_out(
+    frame: pd.DataFrame, held_out: Mapping[str, np.ndarray], path: Path
+) -> None:
+    """Per role: the training pairs' temperatures beside the held-out ones (unit area each)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, role in zip(axes, ROLES):
+        train = frame.loc[frame[f"visited_{role}"], f"tau_{role}"].to_numpy()
+        groups = {
+            f"training ({len(train)})": train,
+            f"held out ({len(held_out[role])})": held_out[role],
+        }
+        plot_distribution_by_group(
+            ax, groups, colors=["tab:blue", "tab:red"], density=True, histtype="step"
+        )
+        ax.set_title(f"TempNet {role} temperatures")
+        ax.set_xlabel(f"tau_{role}")
+        ax.set_ylabel("density")
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -303,6 +381,8 @@ def analyze(
     shards: Optional[str] = None,
     top: int = 20,
     permutations: int = PERMUTATIONS,
+    held_out_embeddings: Optional[Path] = None,
+    tau_range: tuple[float, float] = (0.005, 0.05),
 ) -> dict[str, Any]:
     """Runs the whole analysis and writes every file listed in the module docstring."""
     tables, loss_name = load_temperature_tables(checkpoint)
@@ -334,6 +414,11 @@ def analyze(
         visited = frame[f"visited_{role}"]
         summary[f"visited_{role}"] = int(visited.sum())
         summary[f"tau_{role}"] = quantiles(frame.loc[visited, f"tau_{role}"].to_numpy())
+    if held_out_embeddings is not None:
+        held_out = held_out_temperatures(checkpoint, held_out_embeddings, *tau_range)
+        plot_train_vs_held_out(frame, held_out, output / "tau_train_vs_held_out.png")
+        for role in ROLES:
+            summary[f"tau_{role}_held_out"] = quantiles(held_out[role])
     summary["correlations"] = corr.to_dict(orient="records")
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     (output / "extremes.md").write_text(extremes_markdown(ext))
@@ -423,10 +508,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="permutations of each correlation's p-value (cost grows with it and with the "
         "number of samples; 0 skips the p-values)",
     )
+    parser.add_argument(
+        "--held-out-embeddings",
+        type=Path,
+        help="TempNet runs: torch file {'image': (n, d), 'text': (m, d)} of held-out embeddings",
+    )
+    parser.add_argument(
+        "--tau-range",
+        type=float,
+        nargs=2,
+        default=(0.005, 0.05),
+        metavar=("TAU_MIN", "TAU_MAX"),
+        help="TempNet's temperature range of the run (default: the published 0.005 0.05)",
+    )
     args = parser.parse_args(argv)
     try:
         summary = analyze(
-            args.checkpoint, args.key_index, args.output, args.shards, args.top, args.permutations
+            args.checkpoint,
+            args.key_index,
+            args.output,
+            args.shards,
+            args.top,
+            args.permutations,
+            args.held_out_embeddings,
+            tuple(args.tau_range),
         )
     except AnalysisInputError as err:
         print(f"error: {err}", file=sys.stderr)
