@@ -86,6 +86,9 @@ class PerSampleState(nn.Module):
         >>> state.write(torch.tensor([3, 7]), {"log_u": rows["log_u"] + 1, "tau": rows["tau"]})
     """
 
+    #: Whether ``read`` is a collective (every rank must call it together): False here.
+    collective_read = False
+
     def __init__(self, num_samples: int, initial_values: Mapping[str, float]) -> None:
         super().__init__()
         self.num_samples, self.initial_values = checked_tables(num_samples, initial_values)
@@ -399,6 +402,10 @@ class ShardedPerSampleState(PerSampleState):
         >>> rows = state.read(index)  # index: this rank's batch
         >>> state.write(index, {"log_u": new_log_u, "tau": new_tau})
     """
+
+    #: ``read`` exchanges rows with their owners: every rank must call it together, so a loss
+    #: should agree its batch checks across ranks in every forward, not only when it writes.
+    collective_read = True
 
     def __init__(
         self, num_samples: int, initial_values: Mapping[str, float], exchange: str = "auto"
