@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from _dist_utils import free_port
 
@@ -22,7 +23,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES, BATCH_SIZE, STEPS, TAU_INIT = 128, 16, 3, 0.1
 
 
-def test_lightning_ddp_keeps_isogclr_state_identical_on_both_ranks(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("gather", [True, False], ids=["gather_distributed", "no_gather"])
+def test_lightning_ddp_keeps_isogclr_state_identical_on_both_ranks(
+    tmp_path: Path, gather: bool
+) -> None:
+    """With and without gather_distributed: the flag chooses the negatives, never the state."""
     data_root, state_dir = tmp_path / "data", tmp_path / "state"
     prepare_fashion_mnist(data_root)  # once here, not by both ranks at the same time
     command = [sys.executable, "-m", "recipes.simclr.simclr_lightning", "--loss", "isogclr"]
@@ -31,6 +37,8 @@ def test_lightning_ddp_keeps_isogclr_state_identical_on_both_ranks(tmp_path: Pat
     command += ["--max-steps", str(STEPS), "--devices", "2", "--strategy", "ddp"]
     command += ["--accelerator", "cpu", "--num-threads", "1", "--data-root", str(data_root)]
     command += ["--log-dir", str(tmp_path / "logs"), "--loss-state-dir", str(state_dir)]
+    if not gather:
+        command.append("--no-gather-distributed")
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

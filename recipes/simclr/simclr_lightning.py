@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)"
     )
+    parser.add_argument(
+        "--no-gather-distributed",
+        action="store_true",
+        help="with several devices, take negatives from each process's own batch only "
+        "(the per-sample state is still synchronised across processes)",
+    )
     parser.add_argument("--log-dir", default="logs", help="TensorBoard and checkpoint folder")
     parser.add_argument("--log-every", type=int, default=10, help="log every N steps")
     return parser
@@ -187,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
             f"{args.batch_size * args.devices} images; the dataset has {len(dataset)}."
         )
 
-    distributed = args.devices > 1
+    distributed = args.devices > 1 and not args.no_gather_distributed
     model = SimCLR(
         backbone=args.backbone,
         loss=args.loss,
