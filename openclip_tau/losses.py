@@ -57,7 +57,9 @@ def image_text_blocks(
         else:
             zi_all, zt_all, offset = zi, zt, 0
         sim_image = zi @ zt_all.T
-        sim_text = zt @ zi_all.T
+        # One process: the text anchors' block is the image block transposed (as in ClipLoss),
+        # one matrix product instead of two, forward and backward.
+        sim_text = sim_image.T if not gather else zt @ zi_all.T
     pos_col = torch.arange(b, device=image_features.device) + offset
     return [
         AnchorBlock(sim_image, pos_col, None, suffix="_image", anchors=zi),
