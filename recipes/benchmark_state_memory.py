@@ -34,7 +34,12 @@ import torch
 from torch import distributed as torch_dist
 
 from openclip_tau import ISogCLRClipLoss
-from tau_core.state import describe_state_memory, format_bytes, state_bytes_per_rank
+from tau_core.state import (
+    EXCHANGES,
+    describe_state_memory,
+    format_bytes,
+    state_bytes_per_rank,
+)
 
 TABLES = 6  # ISogCLRClipLoss: log_u, tau, momentum for the image and the text anchors
 
@@ -92,6 +97,8 @@ def measure(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
     loss = ISogCLRClipLoss(
         n, rank=rank, world_size=world, state_layout=config["layout"], tau_init=0.03, rho=1.0
     )
+    if config["layout"] == "sharded":
+        loss.state.exchange = config["exchange"]
     torch_dist.barrier()
     built = resident_bytes()  # both layouts allocate (and fill) their tables when built
 
@@ -138,6 +145,7 @@ def run(num_samples: int, layout: str, args: argparse.Namespace) -> list[dict[st
         "dim": args.dim,
         "steps": args.steps,
         "warmup": args.warmup,
+        "exchange": args.exchange,
     }
     with tempfile.TemporaryDirectory() as out:
         torch.multiprocessing.spawn(
@@ -159,12 +167,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dim", type=int, default=128, help="feature dimension (default 128)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
+    parser.add_argument(
+        "--exchange",
+        choices=EXCHANGES,
+        default="auto",
+        help="the sharded state's exchange (default auto: all_to_all with CPU tensors on gloo)",
+    )
     args = parser.parse_args(argv)
     if args.world_size < 2:
         parser.error("--world-size must be at least 2 (sharding over one rank changes nothing)")
     print(
         f"ISogCLRClipLoss ({TABLES} tables), {args.world_size} gloo processes on CPU, local batch "
-        f"{args.batch}, dim {args.dim}; medians of {args.steps} steps\n"
+        f"{args.batch}, dim {args.dim}; medians of {args.steps} steps; sharded exchange "
+        f"{args.exchange}\n"
     )
     header = (
         f"{'N':>12} {'layout':>10} {'RSS per rank':>14} {'+ step':>10} {'arithmetic':>12} "

@@ -136,6 +136,15 @@ def all_to_all_variable(x: Tensor, send_counts: list[int], recv_counts: list[int
     return out
 
 
+def all_to_all_equal(x: Tensor) -> Tensor:
+    """Block ``d`` of ``x`` (``x.shape[0] / world_size`` rows each) goes to rank ``d``; returns
+    the blocks received, rank 0's first. Equal blocks need no counts on the host (no device
+    synchronisation); every rank must call it with the same shape."""
+    out = torch.empty_like(x)
+    torch_dist.all_to_all_single(out, x.contiguous())
+    return out
+
+
 def all_gather_sizes(n: int, device: torch.device) -> list[int]:
     """Every rank's ``n`` (e.g. its batch size), in rank order (a collective)."""
     local = torch.tensor([n], dtype=torch.long, device=device)

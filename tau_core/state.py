@@ -18,6 +18,7 @@ from tau_core.distributed import (
     all_gather_sizes,
     all_gather_variable,
     all_to_all_counts,
+    all_to_all_equal,
     all_to_all_variable,
     backend_has_all_to_all,
     barrier,
@@ -335,7 +336,7 @@ NO_GROUP = (
     "state_layout='replicated' for a single process."
 )
 
-EXCHANGES = ("auto", "all_to_all", "all_gather")
+EXCHANGES = ("auto", "all_to_all", "padded_all_to_all", "all_gather")
 
 
 def pack_rows(index: Tensor, rows: Tensor) -> Tensor:
@@ -361,15 +362,20 @@ class ShardedPerSampleState(PerSampleState):
     every rank's share of a batch, evenly over the owners).
 
     - ``read(index)``: this rank's batch indices go to their owners, which answer with the rows.
-      With ``all_to_all`` (NCCL, MPI, Gloo on CPU): three ``all_to_all_single`` (counts, indices,
-      rows), each rank sending and receiving about its batch size. Without it (Gloo on CUDA
-      tensors): ``all_gather`` of every rank's indices, each owner fills the rows it holds, and an
-      ``all_gather`` of those rows from which each rank takes its own (three all_gathers).
+      Three exchanges, chosen by ``exchange`` (``"auto"``: the first that fits):
+      ``"padded_all_to_all"`` (CUDA tensors on NCCL or MPI): two ``all_to_all_single`` of
+      ``world_size x batch`` entries (indices, then rows; padding where an owner gets fewer),
+      with no host synchronisation, so a GPU step never waits for the host; it needs the same
+      local batch size on every rank (as the losses' gathers do). ``"all_to_all"`` (CPU tensors
+      on Gloo or MPI): the counts per owner first, then exactly the entries (three
+      ``all_to_all_single``; batch sizes may differ). ``"all_gather"`` (Gloo with CUDA tensors,
+      which has no all_to_all): every rank's indices are gathered, each owner fills the rows it
+      holds, and a second ``all_gather`` brings each rank its rows.
     - ``write(index, rows)``: each rank sends each (index, rows) entry to the entry's owner (the
-      index and the rows travel bit for bit in one int32 tensor), two collectives; the owner
-      receives them in rank order, then batch order, and keeps the last occurrence of a repeated
-      index, exactly as the replicated write does over the gathered global batch. The tables are
-      therefore bit-identical to the replicated layout's after any number of steps.
+      index and the rows travel bit for bit in one int32 tensor); the owner receives them in
+      rank order, then batch order, and keeps the last occurrence of a repeated index, exactly as
+      the replicated write does over the gathered global batch. The tables are therefore
+      bit-identical to the replicated layout's after any number of steps.
     - Both are collectives: **every rank must call them together**, also in evaluation (a loss
       with this state reads in every forward, so all ranks must run the forward together; a
       validation pass on rank 0 only would wait forever). Ranks may hold batches of different
@@ -393,8 +399,9 @@ class ShardedPerSampleState(PerSampleState):
     Args:
         num_samples: Number of samples in the dataset; valid indices are [0, num_samples).
         initial_values: Name and initial value of each table.
-        exchange: ``"auto"`` (all_to_all where the backend has it for the shard's device, else
-            all_gather), ``"all_to_all"`` or ``"all_gather"``.
+        exchange: ``"auto"`` (padded_all_to_all for accelerator tensors and all_to_all for CPU
+            tensors where the backend has all_to_all, else all_gather), ``"padded_all_to_all"``,
+            ``"all_to_all"`` or ``"all_gather"``.
 
     Examples:
         >>> # in every rank of a process group (torchrun):
@@ -444,10 +451,27 @@ class ShardedPerSampleState(PerSampleState):
         self.reset()
         return self._storage
 
-    def _all_to_all(self, device: torch.device) -> bool:
-        if self.exchange == "auto":
-            return backend_has_all_to_all(device)
-        return self.exchange == "all_to_all"
+    def _exchange(self, device: torch.device) -> str:
+        """The exchange used for tensors on ``device`` (``exchange``, or auto's choice)."""
+        if self.exchange != "auto":
+            return self.exchange
+        if not backend_has_all_to_all(device):
+            return "all_gather"
+        return "all_to_all" if device.type == "cpu" else "padded_all_to_all"
+
+    def _padded_route(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(order, slot)``: entry ``order[j]`` of the batch goes to position ``slot[j]`` of a
+        ``world_size x batch`` send buffer, whose block ``d`` holds owner ``d``'s entries in batch
+        order, then padding. Computed on the device, without a host synchronisation."""
+        world, b = self.world_size, index.numel()
+        owner = index % world
+        order = torch.argsort(owner, stable=True)
+        counts = torch.zeros(world, dtype=torch.long, device=index.device)
+        counts.scatter_add_(0, owner, torch.ones_like(owner))
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_owner = owner[order]
+        slot = sorted_owner * b + torch.arange(b, device=index.device) - starts[sorted_owner]
+        return order, slot
 
     @property
     def names(self) -> list[str]:
@@ -500,7 +524,20 @@ class ShardedPerSampleState(PerSampleState):
         world = self.world_size
         if world == 1:
             packed = storage[index]
-        elif self._all_to_all(storage.device):
+        elif self._exchange(storage.device) == "padded_all_to_all":
+            order, slot = self._padded_route(index)
+            send = torch.full((world * index.numel(),), -1, dtype=torch.long, device=index.device)
+            send[slot] = index[order]
+            asked = all_to_all_equal(send)
+            # Padding (-1) asks for row 0, and its answer is never used; an empty shard answers 0.
+            if storage.shape[0]:
+                answers = storage[asked.clamp(min=0) // world]
+            else:
+                answers = storage.new_zeros((asked.numel(), storage.shape[1]))
+            answered = all_to_all_equal(answers)
+            packed = torch.empty_like(answered[: index.numel()])
+            packed[order] = answered[slot]
+        elif self._exchange(storage.device) == "all_to_all":
             owner = index % world
             order = torch.argsort(owner, stable=True)
             send = torch.bincount(owner, minlength=world)
@@ -551,9 +588,12 @@ class ShardedPerSampleState(PerSampleState):
             raise ValueError(
                 f"write got {index.numel()} indices and {packed.shape[0]} rows; one row per index."
             )
+        if world > 1 and self._exchange(storage.device) == "padded_all_to_all":
+            self._padded_write(storage, index, packed)
+            return
         if world > 1:
             message = pack_rows(index, packed)
-            if self._all_to_all(storage.device):
+            if self._exchange(storage.device) == "all_to_all":
                 owner = index % world
                 order = torch.argsort(owner, stable=True)
                 send = torch.bincount(owner, minlength=world)
@@ -566,6 +606,31 @@ class ShardedPerSampleState(PerSampleState):
                 index, packed = index[mine], packed[mine]
         index, packed = keep_last_occurrence(index, packed)
         storage[index // world] = packed
+
+    def _padded_write(self, storage: Tensor, index: Tensor, packed: Tensor) -> None:
+        """The write through one ``world_size x batch`` all_to_all, with no host synchronisation.
+
+        Padding entries (index -1) become writes of row 0's current value to row 0, placed before
+        every real entry, so that a real write of row 0 is the last occurrence and wins.
+        """
+        world = self.world_size
+        order, slot = self._padded_route(index)
+        every_index = torch.full(
+            (world * index.numel(),), -1, dtype=torch.long, device=index.device
+        )
+        every_rows = packed.new_zeros((world * index.numel(), packed.shape[1]))
+        every_index[slot] = index[order]
+        every_rows[slot] = packed[order]
+        received = all_to_all_equal(pack_rows(every_index, every_rows))
+        if not storage.shape[0]:
+            return  # no rows here (num_samples < world_size): only padding arrived
+        index, rows = unpack_rows(received)
+        real = index >= 0
+        index = torch.where(real, index, self.rank)  # row 0 of this shard
+        rows = torch.where(real[:, None], rows, storage[0])
+        first = torch.argsort(real.to(torch.uint8), stable=True)  # padding first, order kept
+        index, rows = keep_last_occurrence(index[first], rows[first])
+        storage[index // world] = rows
 
     # ------------------------------------------------- nn.Module integration
     def _apply(self, fn: Any, recurse: bool = True) -> ShardedPerSampleState:  # type: ignore[override]

@@ -43,7 +43,8 @@ DIM = 6
 STEPS = 4
 CASES = ("sogclr", "isogclr", "sogclr_clip", "isogclr_clip")
 CLIP = ("sogclr_clip", "isogclr_clip")
-LAYOUTS = (("replicated", None), ("sharded", "all_to_all"), ("sharded", "all_gather"))
+EXCHANGES = ("all_to_all", "padded_all_to_all", "all_gather")
+LAYOUTS = (("replicated", None),) + tuple(("sharded", e) for e in EXCHANGES)
 
 
 def build(case: str, layout: str, rank: int = 0, world: int = 1, n: int = NUM_SAMPLES) -> Any:
@@ -115,15 +116,19 @@ def run_steps(loss: Any, case: str, rank: int, world: int, seed: int) -> dict[st
     return record
 
 
-def state_alone(rank: int, world: int, exchange: str) -> dict[str, Any]:
+def state_alone(rank: int, world: int, exchange: str, n: int = NUM_SAMPLES) -> dict[str, Any]:
     """Writes and reads of the state with batches of different sizes per rank, against a
     dictionary that applies every write in rank order, then batch order."""
-    state = ShardedPerSampleState(NUM_SAMPLES, {"a": -math.inf, "b": 0.5}, exchange=exchange)
+    state = ShardedPerSampleState(n, {"a": -math.inf, "b": 0.5}, exchange=exchange)
     g = torch.Generator().manual_seed(5)
-    expected = {"a": [-math.inf] * NUM_SAMPLES, "b": [0.5] * NUM_SAMPLES}
+    expected = {"a": [-math.inf] * n, "b": [0.5] * n}
     reads_ok = True
     for _ in range(3):
-        batches = [torch.randint(0, NUM_SAMPLES, (2 + 3 * r,), generator=g) for r in range(world)]
+        # The padded exchange needs one batch size on every rank; the others take any sizes.
+        sizes = (
+            [7] * world if exchange == "padded_all_to_all" else [2 + 3 * r for r in range(world)]
+        )
+        batches = [torch.randint(0, n, (size,), generator=g) for size in sizes]
         values = [torch.randn(len(i), 2, generator=g) for i in batches]
         mine = batches[rank]
         rows = state.read(mine)
@@ -163,7 +168,9 @@ def rank_main(rank: int, world: int, out: str, load_from: str) -> dict[str, Any]
                 loss.state.exchange = exchange
             result["runs"][(case, layout, exchange)] = run_steps(loss, case, rank, world, seed=1)
             losses[(case, layout, exchange)] = loss
-    result["alone"] = {e: state_alone(rank, world, e) for e in ("all_to_all", "all_gather")}
+    result["alone"] = {e: state_alone(rank, world, e) for e in EXCHANGES}
+    # Fewer samples than ranks: the last rank owns no row.
+    result["tiny"] = {e: state_alone(rank, world, e, n=world - 1) for e in EXCHANGES}
 
     sharded = losses[("isogclr_clip", "sharded", "all_to_all")]
     replicated = losses[("isogclr_clip", "replicated", None)]
@@ -255,7 +262,7 @@ def groups(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Any]:
 def test_sharded_equals_replicated_bit_for_bit(groups: dict[int, Any], world: int, case: str):
     for rank, result in enumerate(groups[world]["ranks"]):
         reference = result["runs"][(case, "replicated", None)]
-        for exchange in ("all_to_all", "all_gather"):
+        for exchange in EXCHANGES:
             got = result["runs"][(case, "sharded", exchange)]
             where = f"{case}, {exchange}, rank {rank} of {world}"
             for key in ("loss", "objective", "grad"):
@@ -283,6 +290,11 @@ def test_state_alone_follows_rank_then_batch_order(groups: dict[int, Any], world
                 assert torch.equal(alone["tables"][name], table), (exchange, name)
         owned.append(result["alone"]["all_to_all"]["owned"])
         assert result["alone"]["all_to_all"]["rows"] == len(owned[-1])
+        for exchange, alone in result["tiny"].items():
+            assert alone["reads_ok"], exchange
+            for name, table in alone["expected"].items():
+                assert torch.equal(alone["tables"][name], table), (exchange, name)
+    assert groups[world]["ranks"][-1]["tiny"]["all_to_all"]["rows"] == 0
     # Every index is owned by exactly one rank; the shards differ by at most one row.
     assert sorted(torch.cat(owned).tolist()) == list(range(NUM_SAMPLES))
     assert max(map(len, owned)) - min(map(len, owned)) <= 1
