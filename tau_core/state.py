@@ -1,4 +1,11 @@
-"""Per-sample state: named float32 tables indexed by dataset index, synchronised across ranks."""
+"""Per-sample state: named float32 tables indexed by dataset index, synchronised across ranks.
+
+Two layouts with one interface (``read``, ``write``, ``table``, ``state_dict``), chosen by
+:func:`make_state`: :class:`PerSampleState` (every rank holds every row) and
+:class:`ShardedPerSampleState` (rank r holds the rows ``i % world_size == r``). Checkpoints that
+re-shard to any world size: :func:`save_state_shards`, :func:`load_state_shards`. The start-up
+line on memory per rank: :func:`describe_state_memory`.
+"""
 
 from __future__ import annotations
 
