@@ -25,7 +25,6 @@ from tau_core import (
     TemperatureNetworkLoss,
     build_networks,
     gather_with_grad,
-    normalized_float32,
     rank,
 )
 
@@ -33,17 +32,17 @@ IndexLike = Union[Tensor, Sequence[int]]
 FEATURE_NAMES = ("out0", "out1")
 
 
-def unimodal_blocks(out0: Tensor, out1: Tensor, gather: bool) -> list[AnchorBlock]:
+def unimodal_blocks(z0: Tensor, z1: Tensor, gather: bool) -> list[AnchorBlock]:
     """SimCLR's block: both local views as anchors against both (gathered) views as candidates.
 
     Rows are ``[view0; view1]`` of the local batch, columns ``[view0; view1]`` of the global
     batch; each row's positive is the other view and its own column is left out. Features are
     gathered (one all-gather) with a gradient that sums over ranks in backward, so after DDP's
-    averaging the parameter gradient equals one process's on the global batch.
+    averaging the parameter gradient equals one process's on the global batch. ``z0`` and
+    ``z1`` are the two views' L2-normalised float32 features.
     """
-    b = out0.shape[0]
-    with torch.autocast(device_type=out0.device.type, enabled=False):
-        z0, z1 = normalized_float32(out0), normalized_float32(out1)
+    b = z0.shape[0]
+    with torch.autocast(device_type=z0.device.type, enabled=False):
         anchors = torch.cat([z0, z1])
         if gather:
             pairs = gather_with_grad(torch.stack([z0, z1], dim=1))
@@ -53,7 +52,7 @@ def unimodal_blocks(out0: Tensor, out1: Tensor, gather: bool) -> list[AnchorBloc
             candidates, offset = anchors, 0
         sim = anchors @ candidates.T
     m = candidates.shape[0] // 2
-    local = torch.arange(b, device=out0.device) + offset
+    local = torch.arange(b, device=z0.device) + offset
     self_col = torch.cat([local, local + m])
     pos_col = torch.cat([local + m, local])
     return [AnchorBlock(sim, pos_col, self_col, suffix="", views=2, anchors=anchors)]
@@ -62,8 +61,8 @@ def unimodal_blocks(out0: Tensor, out1: Tensor, gather: bool) -> list[AnchorBloc
 class _UnimodalMixin:
     """SimCLR's blocks and Lightly's ``forward(out0, out1)`` (plus the index)."""
 
-    def anchor_blocks(self, out0: Tensor, out1: Tensor) -> list[AnchorBlock]:
-        return unimodal_blocks(out0, out1, self.gathers())
+    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
+        return unimodal_blocks(z0, z1, self.gathers())
 
 
 class _UnimodalGlobalLoss(_UnimodalMixin, GlobalContrastiveLoss):

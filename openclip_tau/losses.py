@@ -28,7 +28,6 @@ from tau_core import (
     check_flag,
     gather_with_grad,
     is_distributed,
-    normalized_float32,
 )
 from tau_core import rank as process_rank
 from tau_core import world_size as process_world_size
@@ -38,18 +37,16 @@ ROLES = ("image", "text")
 FEATURE_NAMES = ("image_features", "text_features")
 
 
-def image_text_blocks(
-    image_features: Tensor, text_features: Tensor, gather: bool
-) -> list[AnchorBlock]:
+def image_text_blocks(zi: Tensor, zt: Tensor, gather: bool) -> list[AnchorBlock]:
     """Local image anchors against gathered texts, and local text anchors against gathered images.
 
     Features are gathered (one all-gather) with a gradient that sums over ranks in backward, so
     after DDP's averaging the parameter gradient equals one process's on the global batch. Each
     block has shape (b, b * world_size) in float32; the positive is the pair's own column.
+    ``zi`` and ``zt`` are the L2-normalised float32 image and text features.
     """
-    b = image_features.shape[0]
-    with torch.autocast(device_type=image_features.device.type, enabled=False):
-        zi, zt = normalized_float32(image_features), normalized_float32(text_features)
+    b = zi.shape[0]
+    with torch.autocast(device_type=zi.device.type, enabled=False):
         if gather:
             pairs = gather_with_grad(torch.stack([zi, zt], dim=1))
             zi_all, zt_all = pairs[:, 0], pairs[:, 1]
@@ -60,7 +57,7 @@ def image_text_blocks(
         # One process: the text anchors' block is the image block transposed (as in ClipLoss),
         # one matrix product instead of two, forward and backward.
         sim_text = sim_image.T if not gather else zt @ zi_all.T
-    pos_col = torch.arange(b, device=image_features.device) + offset
+    pos_col = torch.arange(b, device=zi.device) + offset
     return [
         AnchorBlock(sim_image, pos_col, None, suffix="_image", anchors=zi),
         AnchorBlock(sim_text, pos_col, None, suffix="_text", anchors=zt),
@@ -124,8 +121,8 @@ class _ClipMixin:
             raise ValueError(f"rank={self.rank} but this process has rank {process_rank()}.")
         return True
 
-    def anchor_blocks(self, image_features: Tensor, text_features: Tensor) -> list[AnchorBlock]:
-        return image_text_blocks(image_features, text_features, self.gathers())
+    def anchor_blocks(self, zi: Tensor, zt: Tensor) -> list[AnchorBlock]:
+        return image_text_blocks(zi, zt, self.gathers())
 
     def _clip_output(
         self,

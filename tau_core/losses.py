@@ -74,6 +74,28 @@ def normalized_float32(out: Tensor) -> Tensor:
     return torch.nn.functional.normalize(out.float(), dim=1)
 
 
+def normalized_pair(out0: Tensor, out1: Tensor) -> tuple[Tensor, Tensor]:
+    """Both feature tensors L2-normalised in float32, outside autocast."""
+    with torch.autocast(device_type=out0.device.type, enabled=False):
+        return normalized_float32(out0), normalized_float32(out1)
+
+
+@dataclass
+class CheckedBatch:
+    """What :meth:`ContrastiveLoss.check_batch` returns.
+
+    Attributes:
+        index: The index as int64 (None for a loss without state).
+        valid: With deferred checks, a 0-d bool tensor saying whether the batch is valid.
+        z0, z1: The features, L2-normalised in float32 (autograd flows through them).
+    """
+
+    index: Optional[Tensor]
+    valid: Optional[Tensor]
+    z0: Tensor
+    z1: Tensor
+
+
 @dataclass
 class AnchorBlock:
     """One block of anchors against candidates, as an adapter builds it.
@@ -184,11 +206,11 @@ class ContrastiveLoss(nn.Module):
         features: tuple[Tensor, Tensor],
         index: Optional[IndexLike],
         collective: bool,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    ) -> CheckedBatch:
         """Checks the features (and the index of a stateful loss).
 
-        Returns ``(index, valid)``: the index as int64 and, when the value checks are deferred,
-        a 0-d bool tensor that says whether the batch is valid (None otherwise). Raises a
+        Returns the index as int64, the L2-normalised float32 features, and, when the value
+        checks are deferred, a 0-d bool tensor that says whether the batch is valid. Raises a
         ``ValueError`` naming the problem. With ``collective`` (the step gathers or writes across
         ranks) every rank learns every rank's verdict through one small all-reduce, so all of
         them raise together; no state has been changed at that point.
@@ -211,10 +233,15 @@ class ContrastiveLoss(nn.Module):
                 )
             else:
                 checked, problem = state.index_problem(index, out0.shape[0])
+        normalized: tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
         if problem is None:
             device = out0.device
+            normalized = normalized_pair(out0, out1)
+            # A NaN or Inf anywhere in a row makes its normalised row NaN, and the sum of
+            # normalised rows is bounded by their number of entries: one reduction per tensor
+            # tells whether a tensor is finite, without a boolean copy of it.
             flags = [torch.zeros((), dtype=torch.long, device=device)]
-            flags += [(~torch.isfinite(f).all()).to(device, torch.long) for f in features]
+            flags += [(~torch.isfinite(z.sum())).to(device, torch.long) for z in normalized]
             if checked is not None:
                 checked = checked.to(device)
                 flags += [-checked.min(), checked.max()]
@@ -235,11 +262,11 @@ class ContrastiveLoss(nn.Module):
                 valid = valid & (values[3] <= 0) & (values[4] < n)
                 checked = checked.clamp(0, n - 1)  # an out-of-range row is never touched
             self._defer(values, names, collective)
-            return checked, valid
+            return CheckedBatch(checked, valid, *normalized)
         if collective:
             values = all_reduce_max(values)
         self._verdict(values.tolist(), problem, names, collective)
-        return checked, None
+        return CheckedBatch(checked, None, *normalized)
 
     #: Whether the value checks run before the step (True), after it on the device (False), or
     #: before it on a CPU and after it on an accelerator (None, the default).
@@ -383,7 +410,8 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         """Whether the blocks use other ranks' features (a collective in every forward)."""
         return self.gather_distributed and is_distributed()
 
-    def anchor_blocks(self, out0: Tensor, out1: Tensor) -> list[AnchorBlock]:
+    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
+        """The adapter's similarity blocks of the normalised float32 features ``z0``, ``z1``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------- the forward, once
@@ -397,8 +425,9 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         """
         writes = self.writes_state(out0, out1)
         collective = is_distributed() and (writes or self.gathers())
-        index, valid = self.check_batch(names, (out0, out1), index, collective)
-        blocks = self.anchor_blocks(out0, out1)
+        batch = self.check_batch(names, (out0, out1), index, collective)
+        index, valid = batch.index, batch.valid
+        blocks = self.anchor_blocks(batch.z0, batch.z1)
         rows = self.state.read(index, device=blocks[0].sim.device)
         gamma = self.current_gamma
         b = index.numel()
@@ -415,7 +444,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
                 block.pos_col,
                 block.self_col,
                 tau_rows.detach(),
-                rows["log_u" + block.suffix].repeat(v),
+                rows["log_u" + block.suffix].repeat(v) if v > 1 else rows["log_u" + block.suffix],
                 gamma=gamma,
                 rho=rule.rho,
                 need_grad_tau=rule.learns or rule.trains_temperature,
@@ -498,15 +527,16 @@ class DySTreSSBase(ContrastiveLoss):
     def gathers(self) -> bool:
         return self.gather_distributed and is_distributed()
 
-    def anchor_blocks(self, out0: Tensor, out1: Tensor) -> list[AnchorBlock]:
+    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
+        """The adapter's similarity blocks of the normalised float32 features ``z0``, ``z1``."""
         raise NotImplementedError
 
     def dystress_loss(
         self, names: tuple[str, str], out0: Tensor, out1: Tensor, index: Optional[IndexLike]
     ) -> Tensor:
         """Mean over blocks of the mean cross-entropy of each block's rows (``index`` unused)."""
-        self.check_batch(names, (out0, out1), None, is_distributed() and self.gathers())
-        blocks = self.anchor_blocks(out0, out1)
+        batch = self.check_batch(names, (out0, out1), None, is_distributed() and self.gathers())
+        blocks = self.anchor_blocks(batch.z0, batch.z1)
         loss = blocks[0].sim.new_zeros(())
         tau_pos = tau_neg = tau_all = 0.0
         for block in blocks:

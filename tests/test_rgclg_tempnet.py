@@ -141,8 +141,9 @@ def test_rgclg_with_zero_step_size_is_sogclr(clip):
         optimizer.step()
         # tau = exp(-log(1 / 0.2)) in float32 is 0.2 to within one rounding step.
         assert value == pytest.approx(base_value + tau * rho, rel=1e-5, abs=1e-7)
-        np.testing.assert_allclose(g0, b0, rtol=1e-5, atol=1e-8)
-        np.testing.assert_allclose(g1, b1, rtol=1e-5, atol=1e-8)
+        # tau differs from 0.2 by one float32 rounding step: gradients agree to ~1e-7.
+        np.testing.assert_allclose(g0, b0, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g1, b1, rtol=1e-5, atol=1e-7)
         for name, table in tables(base).items():
             np.testing.assert_allclose(tables(loss)[name], table, rtol=1e-6, atol=1e-6)
     assert loss.temperature == pytest.approx(tau, rel=1e-7)
