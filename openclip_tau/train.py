@@ -1,4 +1,5 @@
-"""OpenCLIP's own training loop with a ``--loss`` choice: clip, siglip, sogclr, isogclr, dystress.
+"""OpenCLIP's own training loop with a ``--loss`` choice: clip, siglip, sogclr, isogclr, rgclg,
+tempnet, dystress.
 
 Usage (every option of ``open_clip_train.main`` works as upstream)::
 
@@ -13,15 +14,22 @@ names it bound at import replaced for the duration of the run (ECOSYSTEM.md):
 - ``parse_args``: our options (``--loss``, ``--tau-*``, ``--add-model-config``) are removed before
   upstream's parser sees them (it matches prefixes: ``--loss X`` would become
   ``--loss-dist-impl X``) and checked against upstream's (table size, conflicts);
-- ``get_data``: for sogclr and isogclr the training set is built by upstream's functions with an
+- ``get_data``: for the stateful losses (sogclr, isogclr, rgclg, tempnet) the training set is built by upstream's functions with an
   index per pair (:mod:`openclip_tau.data`); the loop still receives ``(images, texts)``;
-- ``create_loss``: builds our loss (``rank``/``world_size`` from upstream's distributed setup)
-  and restores its state from the checkpoint given to ``--resume``;
-- ``train_one_epoch``: calls ``set_epoch`` on the loss, then upstream's loop with a scheduler
+- ``create_loss``: builds our loss (``rank``/``world_size`` from upstream's distributed setup,
+  ``--tau-state``'s layout, TempNet's ``dim`` from the model config's ``embed_dim``), logs the
+  per-sample state's memory per rank, and restores its state from the checkpoint given to
+  ``--resume``;
+- ``train_one_epoch``: for rgclg and tempnet, at its first call, adds the loss's temperature
+  group (``loss.param_groups()``) to the optimizer upstream built before the loss and registers
+  the loss's hooks on it (its own lr schedule and bounds); calls ``set_epoch`` on the loss,
+  then upstream's loop with a scheduler
   that also writes the loss's temperature into the model's ``logit_scale`` before every step;
   afterwards checks that the loss got every batch's indices and logs the whole table's
   temperature statistics;
-- ``pt_load`` (to read the loss state of the resumed checkpoint) and, inside the ``torch`` name
+- ``pt_load`` (to read the loss state of the resumed checkpoint; upstream loads the optimizer
+  before the loss exists, so it gets the saved optimizer state without the temperature group,
+  and the whole state is loaded once that group is added) and, inside the ``torch`` name
   of ``open_clip_train.main`` only, ``save`` (checkpoints also hold ``loss_state_dict``,
   ``loss_name`` and ``loss_options``) and ``nn.parallel.DistributedDataParallel`` (CPU processes
   get ``device_ids=None``: upstream passes ``[cpu]``, which DDP rejects).
@@ -34,7 +42,10 @@ Scale", ``train/scale``), uses it in its validation loss, and saves it, so an ex
 would carry an unrelated ln(1/0.07). The wrapper writes ln(1/tau) into it (see :data:`LOSSES`):
 SogCLR's ``--tau-temperature`` exactly; iSogCLR the median of the per-sample temperatures of the
 rows visited so far, image and text tables pooled (recomputed at every epoch start and end);
-DySTreSS the mean temperature of the positive pairs over the epoch's steps so far. Upstream clamps
+DySTreSS the mean temperature of the positive pairs over the epoch's steps so far; RGCL-g its
+learned global temperature (the loss's own ``logit_scale`` parameter, copied bit for bit); TempNet
+the median of the temperatures predicted at the last visit of the visited rows, as iSogCLR's
+(unchanged until a row was visited). Upstream clamps
 the scale at 100 after each step; the value is written again before the next step and after the
 epoch's last one, so validation and checkpoints carry it unclamped.
 
@@ -43,6 +54,14 @@ from all ranks, with the gradient through the gather, i.e. what upstream's ClipL
 ``--local-loss --gather-with-grad``; both flags given, or neither (which in upstream also gives
 the exact gradient), are accepted; ``--local-loss`` alone (upstream then drops the other ranks'
 gradient) and ``--loss-dist-impl`` (SigLIP's exchange) are refused.
+
+``--tau-state sharded`` (torchrun only): rank r holds the table rows i % world_size == r. Every
+rank writes its rows of each checkpointed epoch into ``checkpoints/epoch_K.tau_state/`` (one file
+per rank and an ``index.json``), which the checkpoint names (``loss_options["state_shards"]``);
+``--resume`` re-shards them to this run's layout and number of processes. The whole-table
+statistics are computed from the gathered visited rows (a sample of at most 2^20 per rank and
+table beyond that), and the cross-rank comparison of the state is skipped (ranks differ by
+design).
 
 The loss receives each batch's indices without changing what the loop unpacks: the data loader
 queues the indices of each batch it yields, and the loss consumes the queue once per optimizer
@@ -63,6 +82,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -75,7 +95,7 @@ from open_clip_train import data as upstream_data
 from open_clip_train import file_utils as upstream_file_utils
 from open_clip_train import params as upstream_params
 from open_clip_train import zero_shot as upstream_zero_shot
-from open_clip_train.distributed import is_master
+from open_clip_train.distributed import is_master, is_using_distributed
 from torch import Tensor, nn
 
 from openclip_tau.data import (
@@ -89,7 +109,21 @@ from openclip_tau.data import (
     tarfile_to_samples_nothrow,
 )
 from openclip_tau.key_index import expand_shards, load_key_index, shard_name
-from openclip_tau.losses import DySTreSSClipLoss, ISogCLRClipLoss, SogCLRClipLoss
+from openclip_tau.losses import (
+    DySTreSSClipLoss,
+    ISogCLRClipLoss,
+    RGCLGClipLoss,
+    SogCLRClipLoss,
+    TempNetClipLoss,
+)
+from tau_core.distributed import all_gather_variable
+from tau_core.state import (
+    STATE_LAYOUTS,
+    ShardedPerSampleState,
+    describe_state_memory,
+    load_state_shards,
+    save_state_shards,
+)
 
 Temperature = Union[float, Tensor]
 
@@ -107,12 +141,20 @@ class LossSpec:
         temperature: ``run -> tau`` (float or 0-d tensor, or None when not known yet): the
             summary temperature written into the model's ``logit_scale`` as ln(1/tau).
         temperature_rule: One line saying how that temperature is chosen (logged, documented).
+        logit_scale: ``run -> ln(1/tau)`` as a tensor, copied into the model's ``logit_scale``
+            instead of ``ln(1/temperature)`` when the loss keeps that parameter itself (RGCL-g).
     """
 
     cls: type
     stateful: bool
     temperature: Callable[[LossTraining], Optional[Temperature]]
     temperature_rule: str
+    logit_scale: Optional[Callable[[LossTraining], Tensor]] = None
+
+    @property
+    def trains_temperature(self) -> bool:
+        """Whether the loss has temperature parameters stepped by the run's optimizer."""
+        return hasattr(self.cls, "param_groups")
 
 
 # Adding a loss is one entry here (its --tau-* options are the keywords of LOSS_OPTIONS its
@@ -142,10 +184,36 @@ LOSSES: dict[str, LossSpec] = {
         temperature_rule="1/mean temperature of the positive pairs over the epoch's steps so far "
         "(1/tau_max before the first step)",
     ),
+    "rgclg": LossSpec(
+        RGCLGClipLoss,
+        stateful=True,
+        temperature=lambda run: run.loss.temperature,
+        temperature_rule="1/the learned global temperature (the loss's logit_scale, copied)",
+        logit_scale=lambda run: run.loss.logit_scale.detach(),
+    ),
+    "tempnet": LossSpec(
+        TempNetClipLoss,
+        stateful=True,
+        temperature=lambda run: run.table_median,
+        temperature_rule="1/median of the temperatures predicted at the last visit of the "
+        "visited rows, image and text tables pooled, recomputed at every epoch start and end "
+        "(unchanged before the first visit)",
+    ),
 }
 LOSS_CHOICES = ("clip", "siglip", *LOSSES)
 LOSS_CLASSES = {name: spec.cls for name, spec in LOSSES.items()}
 STATEFUL_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.stateful)
+
+
+def _float_or_off(text: str) -> float:
+    """A float option where ``0``, ``none`` or ``off`` switch the feature off (read as 0.0)."""
+    if text.strip().lower() in ("none", "off"):
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
 
 # --tau-* option -> (keyword of the loss class, type, help); the default shown is the class's.
 LOSS_OPTIONS = {
@@ -163,7 +231,38 @@ LOSS_OPTIONS = {
     "tau_eta": ("eta", float, "temperature step size"),
     "tau_beta": ("beta", float, "weight of the new temperature gradient in its momentum"),
     "tau_grad_clip": ("tau_grad_clip", float, "bound of the temperature gradient"),
+    "tau_lr": (
+        "lr_tau",
+        float,
+        "learning rate of the temperature's parameters (their own optimizer group, weight "
+        "decay 0; the model's --lr schedule does not apply to it)",
+    ),
+    "tau_lr_drop_below": (
+        "lr_tau_drop_below",
+        _float_or_off,
+        "the temperature's learning rate is multiplied by --tau-lr-drop-factor while the "
+        "temperature is at or below this value (0 or none: never)",
+    ),
+    "tau_lr_drop_factor": (
+        "lr_tau_drop_factor",
+        float,
+        "factor of the temperature's learning rate below --tau-lr-drop-below, in (0, 1]",
+    ),
+    "tau_lr_decay": (
+        "lr_tau_decay",
+        float,
+        "factor per epoch of the temperature networks' learning rate, in (0, 1]",
+    ),
+    "tau_prototypes": ("num_prototypes", int, "prototypes per temperature network"),
+    "tau_dropout": ("dropout", float, "dropout rate of the temperature networks, in [0, 1)"),
+    "tau_seed": (
+        "seed",
+        int,
+        "seed of the temperature networks' initialisation (the same on every rank)",
+    ),
 }
+# Keywords whose option value 0 means None (the feature switched off).
+OFF_AT_ZERO = ("lr_tau_drop_below",)
 CHECKPOINT_KEYS = ("loss_state_dict", "loss_name", "loss_options")
 # Flags of ours that are switches (False = not given).
 SWITCHES = ("tau_fresh_state",)
@@ -225,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if kind is int else "X",
             help=f"({', '.join(users)}) {text}. Default: {defaults}.",
         )
+    parser.add_argument(
+        "--tau-state",
+        choices=STATE_LAYOUTS,
+        default="replicated",
+        help=f"({', '.join(STATEFUL_LOSSES)}) how the per-sample tables are stored across "
+        "ranks: replicated (every rank holds every row; the default) or sharded (rank r holds "
+        "rows i %% world_size == r: 1/world_size of the memory; needs torchrun). A run may be "
+        "resumed with either layout and any number of processes.",
+    )
     parser.add_argument(
         "--tau-fresh-state",
         action="store_true",
@@ -289,7 +397,7 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # warnings come once, when the loss is built
-                build_loss(options.loss, loss_kwargs(options), num_samples=1)
+                build_loss(options.loss, loss_kwargs(options), num_samples=1, dim=1)
         except ValueError as err:
             _fail(parser, with_flag_names(str(err)))
     return options, rest
@@ -317,27 +425,36 @@ def build_loss(
     rank: int = 0,
     world_size: int = 1,
     distributed: Optional[dict[str, Any]] = None,
+    dim: Optional[int] = None,
+    state_layout: str = "replicated",
 ) -> nn.Module:
     """The loss of ``--loss name`` (an entry of :data:`LOSSES`) with the given keywords.
 
     ``distributed`` (``local_loss``, ``gather_with_grad``) is passed only to classes whose
-    constructor takes those keywords.
+    constructor takes those keywords; ``dim`` (the model's ``embed_dim``) only to those that take
+    ``dim`` (TempNet); ``state_layout`` (``replicated`` or ``sharded``) to the stateful ones.
     """
     spec = LOSSES[name]
     kw = dict(kwargs, rank=rank, world_size=world_size)
     if spec.stateful:
         kw["num_samples"] = num_samples
+        kw["state_layout"] = state_layout
     accepted = inspect.signature(spec.cls.__init__).parameters
+    if "dim" in accepted:
+        kw["dim"] = dim
     kw.update({k: v for k, v in (distributed or {}).items() if k in accepted})
     return spec.cls(**kw)
 
 
 def loss_kwargs(options: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of the loss class from the ``--tau-*`` options that were given."""
+    """Keyword arguments of the loss class from the ``--tau-*`` options that were given.
+
+    ``--tau-lr-drop-below 0`` (or ``none``) becomes ``lr_tau_drop_below=None``.
+    """
     return {
-        kwarg: getattr(options, dest)
+        kwarg: None if kwarg in OFF_AT_ZERO and value == 0 else value
         for dest, (kwarg, _, _) in LOSS_OPTIONS.items()
-        if getattr(options, dest) is not None
+        if (value := getattr(options, dest, None)) is not None
     }
 
 
@@ -413,7 +530,7 @@ class IndexedLoss(nn.Module):
             output_dict=True,
         )
         if write:
-            self.run.end_step(self.loss.stats)
+            self.run.end_step(self.run.step_stats())
         return out if output_dict else out["contrastive_loss"]
 
 
@@ -439,6 +556,8 @@ class LossTraining:
         self.spec: Optional[LossSpec] = LOSSES.get(self.loss_name)
         self.ours = self.spec is not None
         self.stateful = self.ours and self.spec.stateful
+        self.trains_temperature = self.ours and self.spec.trains_temperature
+        self.state_layout: str = getattr(options, "tau_state", None) or "replicated"
         self.args: Optional[argparse.Namespace] = None
         self.loss: Optional[nn.Module] = None  # the module whose state_dict is checkpointed
         self.num_samples: Optional[int] = None
@@ -450,6 +569,13 @@ class LossTraining:
         self.table_median: Optional[Tensor] = None  # iSogCLR's summary temperature
         self.saved_paths: set[str] = set()  # checkpoints written with our entries
         self.last_completed: Optional[int] = None
+        self.embed_dim: Optional[int] = None  # the model's, for TempNet's networks
+        # The optimizer that steps the loss's temperature group, and the saved optimizer state
+        # (with that group) to load once the group is added.
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizer_state: Optional[dict[str, Any]] = None
+        self.shard_folders: dict[int, str] = {}  # sharded layout: epoch -> folder written
+        self.said_sharded = False
         # Per-epoch progress, reset by train_one_epoch.
         self.pending: list[Tensor] = []
         self.batches_seen = 0
@@ -495,6 +621,7 @@ class LossTraining:
         args.loss = self.loss_name
         for dest in ("tau_num_samples", "tau_key_index", *LOSS_OPTIONS, *SWITCHES):
             setattr(args, dest, getattr(self.options, dest))  # listed in params.txt and wandb
+        args.tau_state = self.state_layout
         self.args = args
         return args
 
@@ -503,9 +630,26 @@ class LossTraining:
             raise TrainingSetupError(
                 f"--siglip selects upstream's SigLIP loss: use --loss siglip, not --loss {self.loss_name} with --siglip."
             )
+        if self.state_layout != "replicated" and not self.stateful:
+            raise TrainingSetupError(
+                f"--tau-state applies to {', '.join(STATEFUL_LOSSES)} (the losses with "
+                f"per-sample state), not --loss {self.loss_name}."
+            )
+        if self.state_layout == "sharded" and not is_using_distributed():
+            raise TrainingSetupError(
+                "--tau-state sharded splits the tables over the ranks of torchrun; this run has "
+                "one process: use --tau-state replicated."
+            )
         if not self.ours:
             return
         name = f"--loss {self.loss_name}"
+        if self.trains_temperature and args.accum_freq > 1:
+            raise TrainingSetupError(
+                f"{name} with --accum-freq {args.accum_freq}: open_clip_train calls the loss "
+                f"{args.accum_freq} times per step, each on all of the step's features, so the "
+                f"temperature's gradient would be counted {args.accum_freq} times. Use "
+                "--accum-freq 1 (a larger --batch-size, or more processes)."
+            )
         if args.distill_model or args.distill_pretrained:
             raise TrainingSetupError(f"{name} does not support distillation (--distill-model).")
         if "coca" in args.model.lower():
@@ -524,6 +668,11 @@ class LossTraining:
                 f"--loss-dist-impl {args.loss_dist_impl} selects upstream's SigLIP exchange; "
                 f"{name} has one distributed implementation (all-gather with gradient): leave "
                 "--loss-dist-impl out."
+            )
+        if self.spec.trains_temperature and getattr(args, "opt", "adamw").startswith("timm/"):
+            raise TrainingSetupError(
+                f"{name} adds its temperature group to open_clip_train's AdamW (--opt adamw); "
+                f"--opt {args.opt} is not supported with it."
             )
         if self.options.tau_fresh_state and not args.resume:
             raise TrainingSetupError("--tau-fresh-state applies to a --resume run only.")
@@ -619,6 +768,13 @@ class LossTraining:
             self.loss = open_clip.create_loss(args)
             result = self.loss
         else:
+            if self.state_layout == "sharded" and args.world_size < 2:
+                raise TrainingSetupError(
+                    "--tau-state sharded splits the tables over the ranks of torchrun; this run "
+                    "has one process: use --tau-state replicated."
+                )
+            if "dim" in inspect.signature(self.spec.cls.__init__).parameters:
+                self.embed_dim = model_embed_dim(args.model, self.loss_name)
             self.loss = build_loss(
                 self.loss_name,
                 self.loss_kwargs,
@@ -629,16 +785,29 @@ class LossTraining:
                     "local_loss": args.local_loss,
                     "gather_with_grad": args.gather_with_grad,
                 },
+                dim=self.embed_dim,
+                state_layout=self.state_layout,
             )
-            # The tables live on the training device: no step copies them through the host.
+            # The tables and the temperature's parameters live on the training device: no step
+            # copies them through the host (NCCL also needs a sharded table there).
             self.loss.to(args.device)
             result = IndexedLoss(self.loss, self)
         if is_master(args):
             table = f", per-sample table of {self.num_samples} indexed by {self.index_source}"
+            dim = f", dim {self.embed_dim} (the model's embed_dim)" if self.embed_dim else ""
             logging.info(
                 f"openclip_tau: --loss {self.loss_name}: {type(self.loss).__name__}"
-                f"({self.loss_kwargs or 'defaults'}){table if self.stateful else ''}"
+                f"({self.loss_kwargs or 'defaults'}){table if self.stateful else ''}{dim}"
             )
+            if self.stateful:
+                logging.info("openclip_tau: " + describe_state_memory(self.loss, args.world_size))
+            if self.trains_temperature:
+                group = {k: v for k, v in self.loss.param_groups()[0].items() if k != "params"}
+                count = sum(p.numel() for p in self.loss.temperature_parameters())
+                logging.info(
+                    f"openclip_tau: the temperature's {count} parameters are stepped by the "
+                    f"run's optimizer in their own group {group}."
+                )
             if self.ours:
                 given = [f for f in ("local_loss", "gather_with_grad") if getattr(args, f)]
                 logging.info(
@@ -665,8 +834,8 @@ class LossTraining:
             logging.warning(
                 f"openclip_tau: --tau-rho {rho:g} is not below log(B - 1) = {limit:.2f} for the "
                 f"global batch B = {batch}: no temperature can reach it, so every per-sample "
-                "temperature is driven to --tau-min. The published rho 6 assumes B >= 512; for "
-                f"this batch use --tau-rho below {limit:.2f} (e.g. {0.5 * limit:.2f}) and a "
+                "temperature is driven to --tau-min. The published settings assume B >= 512; "
+                f"for this batch use --tau-rho below {limit:.2f} (e.g. {0.5 * limit:.2f}) and a "
                 "smaller --tau-eta."
             )
 
@@ -677,6 +846,13 @@ class LossTraining:
                 k: checkpoint[k] for k in ("epoch", *CHECKPOINT_KEYS) if k in checkpoint
             }
             self.resumed_path = str(file_path)
+            saved = checkpoint.get("optimizer")
+            if isinstance(saved, dict) and temperature_groups(saved):
+                # open_clip_train loads the optimizer before create_loss, into an optimizer of
+                # the model's groups only: it gets the state without the temperature group; the
+                # whole state is loaded once that group is added (attach_optimizer).
+                self.resumed["optimizer"] = saved
+                checkpoint = {**checkpoint, "optimizer": without_temperature_groups(saved)}
         return checkpoint
 
     def _restore_loss_state(self) -> None:
@@ -717,10 +893,24 @@ class LossTraining:
                 "is not restored; it starts fresh."
             )
             return
+        shards = options.get("state_shards")
         try:
-            self.loss.load_state_dict(resumed["loss_state_dict"])
-        except (ValueError, RuntimeError) as err:
+            if shards is None:
+                self.loss.load_state_dict(resumed["loss_state_dict"])
+            else:
+                # The tables are in a folder of shards beside the checkpoint (saved by every
+                # rank); the checkpoint holds the rest (epoch, temperature parameters).
+                loaded = self.loss.load_state_dict(resumed["loss_state_dict"], strict=False)
+                stray = [k for k in loaded.missing_keys if not k.startswith("state.")]
+                if stray or loaded.unexpected_keys:
+                    raise ValueError(
+                        f"missing keys {stray}, unexpected keys {loaded.unexpected_keys}"
+                    )
+                folder = os.path.join(os.path.dirname(os.path.abspath(path)), shards)
+                load_state_shards(self.loss, folder)
+        except (ValueError, RuntimeError, OSError) as err:
             raise TrainingSetupError(f"Cannot restore the loss state from {path}: {err}") from err
+        self.optimizer_state = resumed.get("optimizer")
         if options.get("kwargs", {}) != self.loss_kwargs:
             self._log_master(
                 f"Resuming with loss options {self.loss_kwargs}; {path} used "
@@ -735,6 +925,19 @@ class LossTraining:
             )
         self._log_master(f"openclip_tau: restored the {self.loss_name} loss state from {path}.")
 
+    def class_kwargs(self) -> dict[str, Any]:
+        """Every keyword of the loss's constructor as this run built it (no rank/world/table)."""
+        kwargs = dict(_class_defaults(self.spec.cls), **self.loss_kwargs)
+        if "dim" in kwargs:
+            kwargs["dim"] = self.embed_dim
+        for name in ("rank", "world_size", "num_samples", "state_layout"):
+            kwargs.pop(name, None)
+        return kwargs
+
+    def sharded(self) -> bool:
+        """Whether the loss's per-sample state is split over the ranks (``--tau-state sharded``)."""
+        return isinstance(getattr(self.loss, "state", None), ShardedPerSampleState)
+
     def option(self, kwarg: str) -> Any:
         """The loss's keyword ``kwarg`` as given (``--tau-*``) or the class default (or None)."""
         if kwarg in self.loss_kwargs:
@@ -748,22 +951,41 @@ class LossTraining:
     def save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
         """``torch.save`` for ``open_clip_train.main``: training checkpoints get the loss state."""
         if isinstance(obj, dict) and {"epoch", "state_dict", "optimizer"} <= obj.keys():
-            obj = {**obj, **self.checkpoint_entries()}
+            obj = {**obj, **self.checkpoint_entries(obj["epoch"])}
             if isinstance(f, (str, os.PathLike)):
                 self.saved_paths.add(os.path.abspath(f))
         return torch.save(obj, f, *args, **kwargs)
 
-    def checkpoint_entries(self) -> dict[str, Any]:
+    def checkpoint_entries(self, completed_epoch: Optional[int] = None) -> dict[str, Any]:
+        """``loss_name``, ``loss_options`` and ``loss_state_dict`` of a checkpoint.
+
+        ``loss_options["class_kwargs"]`` holds every keyword the loss was built with (defaults
+        included, e.g. TempNet's temperature range and ``dim``), so the loss can be rebuilt
+        from the checkpoint alone. With ``--tau-state sharded`` the tables are not in
+        ``loss_state_dict`` (rank 0 holds only its rows): every rank wrote its rows into the
+        folder ``loss_options["state_shards"]``, a name relative to the checkpoint's folder.
+        """
+        options: dict[str, Any] = {
+            "kwargs": dict(self.loss_kwargs),
+            "num_samples": self.num_samples,
+            "key_index": self.options.tau_key_index,
+            "index": self.index_fingerprint,
+            "logit_scale": self.spec.temperature_rule if self.ours else None,
+        }
+        state: dict[str, Any] = {}
+        if self.loss is not None:
+            state = self.loss.state_dict()
+        if self.ours:
+            options["class"] = self.spec.cls.__name__
+            options["class_kwargs"] = self.class_kwargs()
+            options["state_layout"] = self.state_layout if self.stateful else None
+        if self.sharded() and completed_epoch is not None:
+            state = {k: v for k, v in state.items() if not k.startswith("state.")}
+            options["state_shards"] = shard_folder_name(completed_epoch)
         return {
             "loss_name": self.loss_name,
-            "loss_options": {
-                "kwargs": dict(self.loss_kwargs),
-                "num_samples": self.num_samples,
-                "key_index": self.options.tau_key_index,
-                "index": self.index_fingerprint,
-                "logit_scale": self.spec.temperature_rule if self.ours else None,
-            },
-            "loss_state_dict": self.loss.state_dict() if self.loss is not None else {},
+            "loss_options": options,
+            "loss_state_dict": state,
         }
 
     def verify_checkpoints(self, completed_epoch: int) -> None:
@@ -808,6 +1030,9 @@ class LossTraining:
     ) -> Any:
         if self.last_completed is not None:
             self.verify_checkpoints(self.last_completed)
+            self.remove_unreferenced_shards(args)
+        if self.trains_temperature:
+            self.attach_optimizer(optimizer)
         self.pending.clear()  # an incomplete --accum-freq group of the last epoch is dropped
         self.batches_seen = 0
         self.calls = 0
@@ -856,8 +1081,91 @@ class LossTraining:
         if tb_writer is not None:
             tb_writer.flush()  # upstream never closes its writer; make each epoch's scalars land
         if self.stateful and args.distributed:
-            self.check_ranks_agree(args)
+            if self.sharded():
+                if not self.said_sharded and is_master(args):
+                    logging.info(
+                        f"openclip_tau: per-sample state sharded over {args.world_size} ranks: "
+                        "no cross-rank comparison."
+                    )
+                self.said_sharded = True
+            else:
+                self.check_ranks_agree(args)
         self.last_completed = epoch + 1
+        if self.sharded() and self.will_checkpoint(epoch + 1):
+            # Every rank writes its rows (a collective); upstream's checkpoint, written by the
+            # master after this returns, names the folder.
+            folder = os.path.join(args.checkpoint_path, shard_folder_name(epoch + 1))
+            save_state_shards(self.loss, folder)
+            self.shard_folders[epoch + 1] = folder
+
+    def will_checkpoint(self, completed_epoch: int) -> bool:
+        """Whether upstream writes a checkpoint after ``completed_epoch`` (on the master)."""
+        args = self.args
+        if not args.logs or args.logs.lower() == "none":
+            return False
+        return (
+            completed_epoch == args.epochs
+            or (args.save_frequency > 0 and completed_epoch % args.save_frequency == 0)
+            or bool(args.save_most_recent)
+        )
+
+    def remove_unreferenced_shards(self, args: argparse.Namespace) -> None:
+        """Master: removes shard folders of this run's earlier epochs that no checkpoint names.
+
+        Called once upstream's checkpoints of the last epoch are complete: ``epoch_latest.pt``
+        names the newest folder, and ``epoch_K.pt`` (unless upstream's
+        ``--delete-previous-checkpoint`` removed it) names folder K.
+        """
+        if not is_master(args):
+            return
+        for epoch, folder in sorted(self.shard_folders.items()):
+            if epoch >= (self.last_completed or 0):
+                continue
+            if not os.path.exists(os.path.join(args.checkpoint_path, f"epoch_{epoch}.pt")):
+                shutil.rmtree(folder, ignore_errors=True)
+            del self.shard_folders[epoch]
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Adds the loss's temperature group to upstream's optimizer (once) and its hooks.
+
+        open_clip_train builds the optimizer before the loss; its first ``train_one_epoch``
+        hands it over. The group (``loss.param_groups()``) is appended after the model's groups,
+        ``register_optimizer`` keeps its own learning rate schedule (the model's scheduler sets
+        every group's lr; the pre-step hook sets this one's again) and the temperature's bounds.
+        On ``--resume`` the saved optimizer state, temperature group included, is loaded now.
+        """
+        if optimizer is self.optimizer:
+            return
+        if self.optimizer is not None:
+            raise UpstreamDriftError(
+                "open_clip_train passed another optimizer to train_one_epoch than in the first "
+                f"epoch: --loss {self.loss_name}'s temperature group is in the first one. This "
+                "open_clip_train version is not supported."
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TrainingSetupError(
+                f"--loss {self.loss_name} needs a torch optimizer for its temperature group; "
+                f"open_clip_train built a {type(optimizer).__name__}."
+            )
+        for group in self.loss.param_groups():
+            optimizer.add_param_group(group)
+        self.optimizer = optimizer
+        saved, self.optimizer_state = self.optimizer_state, None
+        if saved is not None:
+            try:
+                optimizer.load_state_dict(saved)
+            except (ValueError, KeyError) as err:
+                raise TrainingSetupError(
+                    f"Cannot restore the optimizer state of --loss {self.loss_name}'s "
+                    f"temperature group from {self.resumed_path}: {err}"
+                ) from err
+            self._log_master(
+                f"openclip_tau: restored the optimizer state of the temperature group from "
+                f"{self.resumed_path}."
+            )
+        # After the load: load_state_dict replaces the group dicts, and the hooks hold the
+        # groups they were registered with.
+        self.loss.register_optimizer(optimizer)
 
     def check_loss_was_called(self) -> None:
         """Raises unless upstream's loop called our loss once per batch it drew (with indices)."""
@@ -884,9 +1192,16 @@ class LossTraining:
 
     def write_logit_scale(self, model: nn.Module) -> None:
         """Writes ln(1/tau) of the loss's summary temperature into the model's ``logit_scale``."""
-        tau = self.spec.temperature(self)
         scale = getattr(upstream_train.unwrap_model(model), "logit_scale", None)
-        if tau is None or not isinstance(scale, Tensor):
+        if not isinstance(scale, Tensor):
+            return
+        if self.spec.logit_scale is not None:
+            with torch.no_grad():
+                value = self.spec.logit_scale(self).to(scale.device, non_blocking=True)
+                scale.copy_(value.to(scale.dtype).reshape(scale.shape))
+            return
+        tau = self.spec.temperature(self)
+        if tau is None:
             return
         with torch.no_grad():
             tau = torch.as_tensor(tau, dtype=torch.float32).to(scale.device, non_blocking=True)
@@ -908,21 +1223,33 @@ class LossTraining:
         state = getattr(self.loss, "state", None)
         if state is None:
             return {}
+        sharded = isinstance(state, ShardedPerSampleState)
+        # Sharded: this rank's rows, no gather of whole tables (see sharded_sample).
+        column = state.shard if sharded else state.table
         stats: dict[str, Tensor] = {}
         pooled = []
         for name in state.names:
             if not name.startswith("log_u_"):
                 continue
             role = name[len("log_u_") :]
-            visited = torch.isfinite(state.table(name))
-            stats[f"table_visited_{role}"] = visited.sum()
+            visited = torch.isfinite(column(name))
+            count = visited.sum()
+            if sharded:
+                torch.distributed.all_reduce(count)
+            stats[f"table_visited_{role}"] = count
             if f"tau_{role}" in state.names:
-                tau = state.table(f"tau_{role}")[visited]
+                tau = column(f"tau_{role}")[visited]
+                if sharded:
+                    tau = sharded_sample(tau, seed=self.epoch)
                 pooled.append(tau)
                 stats.update(quantile_stats(tau, f"table_tau_{role}"))
-        if pooled and not sum(t.numel() for t in pooled):  # nothing visited yet: the initial
-            pooled = [state.table(n) for n in state.names if n.startswith("tau_")]
-        if pooled:
+        if pooled and not sum(t.numel() for t in pooled):
+            # Nothing visited yet: the median of the initial tables (every table has the same
+            # rows, so it is that of the initial values); TempNet's are NaN: none.
+            initial = [state.initial_values[n] for n in state.names if n.startswith("tau_")]
+            initial = [v for v in initial if math.isfinite(v)]
+            pooled = [torch.tensor(initial, dtype=torch.float32, device=state.device)]
+        if pooled and sum(t.numel() for t in pooled):
             self.table_median = quantile_stats(torch.cat(pooled), "tau")["tau_p50"]
         return stats
 
@@ -964,6 +1291,13 @@ class LossTraining:
             )
         return torch.cat(self.pending), write
 
+    def step_stats(self) -> dict[str, Tensor]:
+        """The loss's statistics of this step; RGCL-g's global temperature also as ``tau``."""
+        stats = dict(self.loss.stats)
+        if self.spec.logit_scale is not None:
+            stats["tau"] = torch.exp(-self.spec.logit_scale(self).float())
+        return stats
+
     def end_step(self, stats: dict[str, Tensor]) -> None:
         """After the last loss call of an optimizer step: reset the queue, log statistics."""
         self.pending.clear()
@@ -992,7 +1326,7 @@ class LossTraining:
         brief = [
             k
             for k in names
-            if k == "objective"
+            if k in ("objective", "tau")
             or k.startswith("table_visited")
             or k.endswith(("_mean", "_p10", "_p50", "_p90"))
         ]
@@ -1041,6 +1375,71 @@ def state_checksums(loss: nn.Module) -> list[tuple[str, float, float]]:
     return checksums
 
 
+TEMPERATURE_GROUP = "temperature"  # the "name" of a loss's group in ``param_groups()``
+# Sharded table statistics: at most this many visited rows per rank and table are gathered.
+SHARD_SAMPLE_ROWS = 1 << 20
+
+
+def temperature_groups(optimizer_state: dict[str, Any]) -> list[int]:
+    """Positions of the loss's temperature groups in a saved optimizer ``state_dict``."""
+    return [
+        i
+        for i, group in enumerate(optimizer_state.get("param_groups", []))
+        if isinstance(group, dict) and group.get("name") == TEMPERATURE_GROUP
+    ]
+
+
+def without_temperature_groups(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer ``state_dict`` without the temperature groups and their moments.
+
+    ``Optimizer.load_state_dict`` pairs the saved parameters with the optimizer's in group
+    order, so the model's groups load into an optimizer that does not hold the loss's group yet.
+    """
+    drop = set(temperature_groups(optimizer_state))
+    groups = optimizer_state["param_groups"]
+    dropped = {p for i in drop for p in groups[i]["params"]}
+    return {
+        **optimizer_state,
+        "state": {k: v for k, v in optimizer_state["state"].items() if k not in dropped},
+        "param_groups": [g for i, g in enumerate(groups) if i not in drop],
+    }
+
+
+def model_embed_dim(model: str, loss_name: str) -> int:
+    """``embed_dim`` of an OpenCLIP model config (the dimension of the features the loss gets)."""
+    try:
+        config = open_clip.get_model_config(model)
+    except Exception as err:  # noqa: BLE001 - hf-hub lookups raise several kinds
+        config, reason = None, str(err)
+    else:
+        reason = "no such model config"
+    if not config or not isinstance(config.get("embed_dim"), int):
+        raise TrainingSetupError(
+            f"--loss {loss_name} builds temperature networks of the model's embed_dim, and the "
+            f"config of --model {model} gives none ({reason}); register the model's JSON "
+            "config with --add-model-config."
+        )
+    return int(config["embed_dim"])
+
+
+def shard_folder_name(completed_epoch: int) -> str:
+    """``epoch_K.tau_state``: the per-sample state shards of checkpoint ``epoch_K.pt``."""
+    return f"epoch_{completed_epoch}.tau_state"
+
+
+def sharded_sample(values: Tensor, seed: int, limit: int = SHARD_SAMPLE_ROWS) -> Tensor:
+    """Every rank's ``values`` gathered (a collective): all of them when a rank holds at most
+    ``limit``, else a uniform sample of ``limit`` of its values (seeded by ``seed`` and the rank),
+    so the table statistics of a LAION-size sharded state never gather whole tables. The
+    quantiles of the union are exact for tables of up to ``limit`` visited rows per rank.
+    """
+    if values.numel() > limit:
+        generator = torch.Generator().manual_seed(seed * 100_003 + torch.distributed.get_rank())
+        pick = torch.randperm(values.numel(), generator=generator)[:limit]
+        values = values[pick.to(values.device)]
+    return torch.cat(all_gather_variable(values.contiguous()))
+
+
 def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1072,6 +1471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
             result = upstream_main.main(rest)
         if run.last_completed is not None:
             run.verify_checkpoints(run.last_completed)
+            run.remove_unreferenced_shards(run.args)
         return result
     finally:
         # upstream's setup_logging adds handlers at every call; drop them so that a second run in
