@@ -38,7 +38,15 @@ from tau_core.losses import (
     normalized_float32,
     temperature_stats,
 )
-from tau_core.state import STATE_LAYOUTS, PerSampleState, make_state
+from tau_core.state import (
+    STATE_LAYOUTS,
+    PerSampleState,
+    ShardedPerSampleState,
+    describe_state_memory,
+    load_state_shards,
+    make_state,
+    save_state_shards,
+)
 from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
 from tau_core.trained import (
     GlobalLearnedTemperature,
@@ -67,6 +75,10 @@ __all__ = [
     "NetworkTemperature",
     "PerSampleState",
     "STATE_LAYOUTS",
+    "ShardedPerSampleState",
+    "describe_state_memory",
+    "load_state_shards",
+    "save_state_shards",
     "make_state",
     "TemperatureNetwork",
     "TemperatureNetworkLoss",

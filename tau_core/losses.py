@@ -424,7 +424,10 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         whose gradient is the surrogate's.
         """
         writes = self.writes_state(out0, out1)
-        collective = is_distributed() and (writes or self.gathers())
+        # A sharded state reads through a collective: then every rank must agree on every batch.
+        collective = is_distributed() and (
+            writes or self.gathers() or getattr(self.state, "collective_read", False)
+        )
         batch = self.check_batch(names, (out0, out1), index, collective)
         index, valid = batch.index, batch.valid
         blocks = self.anchor_blocks(batch.z0, batch.z1)
