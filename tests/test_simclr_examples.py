@@ -9,9 +9,9 @@ from typing import Callable
 import pytest
 import torch
 
-from lightly_tau import DySTreSSLoss, ISogCLRLoss, SogCLRLoss
+from lightly_tau import DySTreSSLoss, ISogCLRLoss, RGCLGLoss, SogCLRLoss, TempNetLoss
 from recipes.simclr import simclr, simclr_lightning
-from recipes.simclr.common import LOSSES, RunResult, prepare_fashion_mnist
+from recipes.simclr.common import LOSSES, PROJECTION_DIM, RunResult, prepare_fashion_mnist
 
 SCRIPTS: dict[str, Callable[[list[str]], RunResult]] = {
     "pytorch": simclr.main,
@@ -59,11 +59,17 @@ def test_trains_with_each_loss(script: str, loss: str, data_root: Path, tmp_path
     assert int(visited.sum()) == STEPS * BATCH_SIZE
 
     criterion = result.criterion
-    expected_type = {"sogclr": SogCLRLoss, "isogclr": ISogCLRLoss, "dystress": DySTreSSLoss}
+    expected_type = {
+        "sogclr": SogCLRLoss,
+        "isogclr": ISogCLRLoss,
+        "rgclg": RGCLGLoss,
+        "tempnet": TempNetLoss,
+        "dystress": DySTreSSLoss,
+    }
     if loss in expected_type:
         assert isinstance(criterion, expected_type[loss])
         assert result.stats and all(math.isfinite(v) for v in result.stats.values())
-    if loss in ("sogclr", "isogclr"):
+    if loss in ("sogclr", "isogclr", "rgclg", "tempnet"):
         assert criterion.num_samples == NUM_IMAGES
         # The last step's value is the objective estimate, not the surrogate.
         assert result.losses[-1] == pytest.approx(result.stats["objective"], abs=1e-6)
@@ -76,6 +82,17 @@ def test_trains_with_each_loss(script: str, loss: str, data_root: Path, tmp_path
         assert (tau[visited] != tau_init).all() and (momentum[visited] != 0).all()
         assert (tau[~visited] == tau_init).all() and (momentum[~visited] == 0).all()
         assert criterion.settings.tau_min <= float(tau.min()) <= float(tau.max()) <= 1.0
+    if loss == "rgclg":
+        # The temperature's own AdamW moved the global temperature away from its start.
+        assert criterion.temperature != pytest.approx(0.1, abs=1e-7)
+    if loss == "tempnet":
+        # The network is built from a fixed seed: training moved its parameters.
+        fresh = TempNetLoss(NUM_IMAGES, dim=PROJECTION_DIM)
+        moved = [
+            not torch.equal(a.detach().cpu(), b)
+            for a, b in zip(criterion.temperature_parameters(), fresh.temperature_parameters())
+        ]
+        assert any(moved)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

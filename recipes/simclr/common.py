@@ -20,13 +20,23 @@ from lightly.transforms.simclr_transform import SimCLRTransform
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from lightly_tau import DySTreSSLoss, IndexedDataset, ISogCLRLoss, SogCLRLoss
+from lightly_tau import (
+    DySTreSSLoss,
+    IndexedDataset,
+    ISogCLRLoss,
+    RGCLGLoss,
+    SogCLRLoss,
+    TempNetLoss,
+)
 from recipes.fashion_mnist import prepare_torchvision_raw
 
 # The scripts' and tests' name for it: gunzips Debian's files for torchvision's FashionMNIST.
 prepare_fashion_mnist = prepare_torchvision_raw
 
-LOSSES = ("ntxent", "sogclr", "isogclr", "dystress")
+# Output size of the examples' projection head (SimCLRProjectionHead(num_features, 512, 128)).
+PROJECTION_DIM = 128
+
+LOSSES = ("ntxent", "sogclr", "isogclr", "rgclg", "tempnet", "dystress")
 # Which hyperparameter flags each loss accepts (argument names of the loss classes).
 LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
     "ntxent": ("temperature",),
@@ -42,6 +52,8 @@ LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
         "gamma_decay_epochs",
         "tau_grad_clip",
     ),
+    "rgclg": ("rho", "tau_init", "tau_min", "tau_max", "lr_tau", "gamma", "gamma_decay_epochs"),
+    "tempnet": ("rho", "tau_min", "tau_max", "lr_tau", "gamma", "gamma_decay_epochs"),
     "dystress": ("tau_min", "tau_max"),
 }
 # Flag type and help text; every default is None so that each loss keeps its own default.
@@ -56,6 +68,7 @@ _OPTION_FLAGS: dict[str, tuple[type, str]] = {
     "eta": (float, "isogclr: temperature step size (default 0.03)"),
     "beta": (float, "isogclr: weight of the new temperature gradient in (0, 1] (default 0.5)"),
     "tau_grad_clip": (float, "isogclr: bound of the temperature gradient (default 3.0)"),
+    "lr_tau": (float, "rgclg, tempnet: the temperature's own AdamW step size (2e-4, 3e-5)"),
 }
 
 
@@ -156,12 +169,26 @@ def build_loss(
         return SogCLRLoss(num_samples, gather_distributed=gather_distributed, **options)
     if name == "isogclr":
         return ISogCLRLoss(num_samples, gather_distributed=gather_distributed, **options)
+    if name == "rgclg":
+        return RGCLGLoss(num_samples, gather_distributed=gather_distributed, **options)
+    if name == "tempnet":
+        return TempNetLoss(
+            num_samples, dim=PROJECTION_DIM, gather_distributed=gather_distributed, **options
+        )
     return DySTreSSLoss(gather_distributed=gather_distributed, **options)
 
 
 def takes_index(criterion: nn.Module) -> bool:
     """Whether the loss's forward is ``(out0, out1, index)`` rather than ``(out0, out1)``."""
-    return isinstance(criterion, (SogCLRLoss, ISogCLRLoss))
+    return bool(getattr(criterion, "needs_index", False))
+
+
+def temperature_optimizer(criterion: nn.Module) -> Optional[torch.optim.Optimizer]:
+    """The trained temperature's own AdamW (RGCL-g, TempNet), registered with its schedule and
+    bounds; None for the other losses. The model keeps the example's SGD."""
+    if not hasattr(criterion, "param_groups"):
+        return None
+    return criterion.optimizer([], lr=0.0)
 
 
 def loss_stats(criterion: nn.Module) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 
 from recipes.simclr.common import (
+    PROJECTION_DIM,
     RunResult,
     add_common_arguments,
     build_backbone,
@@ -38,7 +39,9 @@ from recipes.simclr.common import (
     save_loss_state,
     simclr_transform,
     takes_index,
+    temperature_optimizer,
 )
+from tau_core import describe_state_memory
 
 
 class SimCLR(nn.Module):
@@ -47,7 +50,7 @@ class SimCLR(nn.Module):
     def __init__(self, backbone: nn.Module, num_features: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(num_features, 512, 128)
+        self.projection_head = SimCLRProjectionHead(num_features, 512, PROJECTION_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone(x).flatten(start_dim=1)
@@ -100,11 +103,15 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     # The swap: NTXentLoss() in Lightly's example; the stateful losses need len(dataset).
     criterion = build_loss(args.loss, num_samples=len(dataset), **options).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    # RGCL-g and TempNet: the temperature's own AdamW, with its published schedule.
+    tau_optimizer = temperature_optimizer(criterion)
 
     visited = torch.zeros(len(dataset), dtype=torch.bool)
     step_losses: list[float] = []
     step = 0
     print(f"Starting Training: --loss {args.loss}, {len(dataset)} images, {device}")
+    if takes_index(criterion):
+        print(describe_state_memory(criterion, 1))
     for epoch in range(args.epochs):
         if hasattr(criterion, "set_epoch"):
             criterion.set_epoch(epoch)
@@ -124,6 +131,9 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            if tau_optimizer is not None:
+                tau_optimizer.step()
+                tau_optimizer.zero_grad()
 
             step += 1
             visited[index] = True

@@ -35,6 +35,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from recipes.simclr.common import (
+    PROJECTION_DIM,
     RunResult,
     add_common_arguments,
     build_backbone,
@@ -47,7 +48,9 @@ from recipes.simclr.common import (
     save_loss_state,
     simclr_transform,
     takes_index,
+    temperature_optimizer,
 )
+from tau_core import describe_state_memory
 
 # Shown beside the loss on the progress bar; every statistic goes to TensorBoard.
 PROGRESS_BAR_STATS = ("tau_mean", "tau_positive_mean")
@@ -78,10 +81,11 @@ class SimCLR(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.backbone, num_features = build_backbone(backbone)
-        self.projection_head = SimCLRProjectionHead(num_features, 512, 128)
+        self.projection_head = SimCLRProjectionHead(num_features, 512, PROJECTION_DIM)
         # The swap: NTXentLoss() in Lightly's example.
         self.criterion = build_loss(loss, num_samples, gather_distributed, **(loss_options or {}))
         self.lr = lr
+        self.tau_optimizer: Optional[torch.optim.Optimizer] = None
         # Indices this process trained on, and each step's loss (on the host, not buffers:
         # DDP would overwrite buffers with rank 0's).
         self.visited = torch.zeros(num_samples, dtype=torch.bool)
@@ -92,6 +96,10 @@ class SimCLR(pl.LightningModule):
         x = self.backbone(x).flatten(start_dim=1)
         z = self.projection_head(x)
         return z
+
+    def on_fit_start(self) -> None:
+        if self.global_rank == 0 and takes_index(self.criterion):
+            print(describe_state_memory(self.criterion, self.trainer.world_size))
 
     def on_train_epoch_start(self) -> None:
         if hasattr(self.criterion, "set_epoch"):
@@ -126,7 +134,17 @@ class SimCLR(pl.LightningModule):
             self._epoch_losses.clear()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        # The model keeps the example's SGD; a trained temperature (RGCL-g, TempNet) gets its own
+        # AdamW, stepped after the model's (its parameters are left out of the SGD).
+        own = {id(p) for p in self.criterion.parameters()}
+        self.tau_optimizer = temperature_optimizer(self.criterion)
+        model_params = [p for p in self.parameters() if id(p) not in own]
+        return torch.optim.SGD(model_params, lr=self.lr)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
+        if self.tau_optimizer is not None:
+            self.tau_optimizer.step()
+            self.tau_optimizer.zero_grad()
 
 
 class SaveLossState(pl.Callback):
