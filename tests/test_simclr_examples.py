@@ -130,7 +130,7 @@ def test_help_and_bad_flags(script: str, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exit_info:
         SCRIPTS[script](["--help"])
     assert exit_info.value.code == 0
-    assert "--loss {ntxent,sogclr,isogclr,dystress}" in capsys.readouterr().out
+    assert "--loss {ntxent,sogclr,isogclr,rgclg,tempnet,dystress}" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:
         SCRIPTS[script](["--loss", "ntxent", "--rho", "0.3"])
