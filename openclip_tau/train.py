@@ -14,8 +14,9 @@ names it bound at import replaced for the duration of the run (ECOSYSTEM.md):
 - ``parse_args``: our options (``--loss``, ``--tau-*``, ``--add-model-config``) are removed before
   upstream's parser sees them (it matches prefixes: ``--loss X`` would become
   ``--loss-dist-impl X``) and checked against upstream's (table size, conflicts);
-- ``get_data``: for the stateful losses (sogclr, isogclr, rgclg, tempnet) the training set is built by upstream's functions with an
-  index per pair (:mod:`openclip_tau.data`); the loop still receives ``(images, texts)``;
+- ``get_data``: for the stateful losses (sogclr, isogclr, rgclg, tempnet) the training set is
+  built by upstream's functions with an index per pair (:mod:`openclip_tau.data`); the loop
+  still receives ``(images, texts)``;
 - ``create_loss``: builds our loss (``rank``/``world_size`` from upstream's distributed setup,
   ``--tau-state``'s layout, TempNet's ``dim`` from the model config's ``embed_dim``), logs the
   per-sample state's memory per rank, and restores its state from the checkpoint given to
@@ -301,15 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="(sogclr, isogclr) per-sample table size. webdataset with integer keys: larger "
-        "than every key (img2dataset keys are shard*10^4+position). Default: the number of "
+        help=f"({', '.join(STATEFUL_LOSSES)}) per-sample table size. webdataset with integer "
+        "keys: larger than every key (img2dataset keys are shard*10^4+position). Default: the "
+        "number of "
         "keys in --tau-key-index, of csv rows, or --train-num-samples for synthetic data.",
     )
     parser.add_argument(
         "--tau-key-index",
         default=None,
         metavar="PATH",
-        help="(sogclr, isogclr; webdataset) key-to-index map built once with "
+        help=f"({', '.join(STATEFUL_LOSSES)}; webdataset) key-to-index map built once with "
         "python -m openclip_tau.key_index --shards <pattern> --output <file>.",
     )
     for dest, (kwarg, kind, text) in LOSS_OPTIONS.items():
@@ -336,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tau-fresh-state",
         action="store_true",
-        help="(sogclr, isogclr) with --resume: start the per-sample state fresh (the model, "
-        "optimizer and epoch are still resumed). Without it, resuming from a checkpoint that "
+        help=f"({', '.join(STATEFUL_LOSSES)}) with --resume: start the loss state fresh: the "
+        "per-sample tables and, for rgclg and tempnet, the temperature's parameters and their "
+        "optimizer moments (the model, its optimizer state and the epoch are still resumed). "
+        "Without it, resuming from a checkpoint that "
         "holds no loss state, or one trained with another key index or csv, is an error.",
     )
     parser.add_argument(

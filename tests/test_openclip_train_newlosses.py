@@ -6,6 +6,7 @@ as ``test_openclip_train.py`` does; the sharded layout runs in 2 ``torchrun`` pr
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shutil
@@ -420,3 +421,24 @@ def test_saved_optimizer_state_loads_before_and_after_the_temperature_group() ->
         assert p is q
         for k, v in first.state[p].items():
             assert torch.equal(second.state[q][k], v), k
+
+
+def test_shard_folders_that_no_checkpoint_names_are_removed(tmp_path: Path) -> None:
+    """Folder K stays while epoch_K.pt exists (or K is the newest, named by epoch_latest.pt)."""
+    options, _ = train.parse_loss_args(["--loss", "isogclr"])
+    run_ = train.LossTraining(options)
+    folders = {}
+    for epoch in (1, 2, 3):
+        folders[epoch] = tmp_path / train.shard_folder_name(epoch)
+        folders[epoch].mkdir()
+        (folders[epoch] / "index.json").write_text("{}")
+    (tmp_path / "epoch_2.pt").write_bytes(b"")  # epoch 1's was deleted, 3 is only "latest"
+    run_.shard_folders = {k: str(v) for k, v in folders.items()}
+    run_.last_completed = 3
+    args = argparse.Namespace(checkpoint_path=str(tmp_path), rank=0, local_rank=0)
+    run_.remove_unreferenced_shards(args)
+    assert not folders[1].exists() and folders[2].exists() and folders[3].exists()
+    assert run_.shard_folders == {3: str(folders[3])}
+    run_.shard_folders = {2: str(folders[2])}
+    run_.remove_unreferenced_shards(argparse.Namespace(checkpoint_path="", rank=1, local_rank=1))
+    assert folders[2].exists()  # only the master removes
