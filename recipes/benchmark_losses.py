@@ -11,6 +11,11 @@ ISogCLRClipLoss, RGCLGClipLoss, TempNetClipLoss and DySTreSSClipLoss against
 into their temperature parameter and networks (not the optimizer step). Then one step of ISogCLRLoss at
 num_samples 1e4 and 1e8, to show that a step's cost does not grow with the dataset.
 
+Where LibAUC is installed (``pip install libauc --no-deps`` is enough: only its
+``libauc/losses/contrastive.py`` is loaded, which needs torch and NumPy), its SogCLR losses are
+timed beside ours: ``GCLoss_v1`` (unimodal) and ``GCLoss_v2`` (image-text), each with its
+defaults except the table size.
+
 Times: one process per batch size calls every loss once per round, for several rounds after a
 warm-up, so that a change in the machine's speed hits all losses of a round alike; a loss's time
 is its median over rounds and its ratio the median of its per-round ratios to the baseline. Peak
@@ -23,13 +28,15 @@ size.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 BASELINES = {"lightly": "NTXentLoss", "openclip": "ClipLoss"}
 LOSSES = {
@@ -50,8 +57,35 @@ LOSSES = {
         "DySTreSSClipLoss",
     ],
 }
+LIBAUC_LOSSES = {"lightly": "LibAUC GCLoss_v1", "openclip": "LibAUC GCLoss_v2"}
 DEFAULT_BATCHES = {"lightly": [128, 512, 2048], "openclip": [256, 1024, 4096]}
 DIMS = {"lightly": 128, "openclip": 512}
+
+
+def libauc_contrastive() -> Any:
+    """LibAUC's ``libauc/losses/contrastive.py`` loaded on its own, or None if not installed.
+
+    The package's ``__init__`` imports every other module (with transformers and
+    torch-geometric behind them); the contrastive losses need only torch and NumPy.
+    """
+    spec = importlib.util.find_spec("libauc")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "losses" / "contrastive.py"
+    if not path.exists():
+        return None
+    module_spec = importlib.util.spec_from_file_location("libauc_contrastive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def losses_of(side: str) -> list[str]:
+    """The losses timed on one side: the baseline first, LibAUC's last where installed."""
+    names = list(LOSSES[side])
+    if importlib.util.find_spec("libauc") is not None:
+        names.append(LIBAUC_LOSSES[side])
+    return names
 
 
 def _make_step(
@@ -63,6 +97,13 @@ def _make_step(
     a = torch.randn(batch, dim, generator=g).to(device).requires_grad_()
     b = torch.randn(batch, dim, generator=g).to(device).requires_grad_()
     index = torch.randint(0, num_samples, (batch,), generator=g).to(device)
+    if name.startswith("LibAUC"):
+        libauc = libauc_contrastive()
+        if name == LIBAUC_LOSSES["lightly"]:
+            loss = libauc.GCLoss_v1(N=num_samples, device=torch.device(device))
+            return lambda: loss(a, b, index).backward()
+        loss = libauc.GCLoss_v2(N=num_samples)
+        return lambda: loss(a, b, index)[0].backward()  # (loss, temperatures)
     if name in LOSSES["lightly"]:
         from lightly.loss import NTXentLoss
 
@@ -240,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'loss':<18}{'batch':>6}{'time ms':>10}{'x time':>8}{'peak MiB':>10}{'x mem':>7}")
         for batch in batches:
             num_samples = max(100_000, batch)
-            times = run_times(LOSSES[side], batch, dim, num_samples, args)
+            names = losses_of(side)
+            times = run_times(names, batch, dim, num_samples, args)
             base_bytes = None
-            for name in LOSSES[side]:
+            for name in names:
                 peak = run_memory(name, batch, dim, num_samples, args)
                 base_bytes = base_bytes or peak
                 print(
