@@ -328,12 +328,14 @@ class TrainedTemperatureMixin:
         Before every ``optimizer.step()`` the group's ``lr`` is set to :meth:`current_lr_tau`
         (so an LR scheduler of the model's groups does not move it); after every step the
         temperature is clamped to its bounds. Returns the hooks' handles (``.remove()``).
+        The group is found again at every step (by its parameters), so the schedule survives
+        ``optimizer.load_state_dict``, which replaces the group dictionaries (a resumed run).
         """
-        groups = self._own_groups(optimizer)
+        self._own_groups(optimizer)  # the checks, now
 
         def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             lr = self.current_lr_tau()
-            for group in groups:
+            for group in self._own_groups(opt):
                 group["lr"] = lr
 
         def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

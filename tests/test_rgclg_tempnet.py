@@ -180,9 +180,20 @@ def test_rgclg_optimizer_groups_schedule_and_clamp():
     # scheduler of the model's groups set.
     for group in optimizer.param_groups:
         group["lr"] = 123.0
+    expected = loss.current_lr_tau()
     loss.logit_scale.grad = torch.tensor(1.0)
     optimizer.step()
-    assert optimizer.param_groups[-1]["lr"] == pytest.approx(2.0 / 3)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(expected)
+    assert optimizer.param_groups[0]["lr"] == 123.0
+    assert optimizer.param_groups[0]["lr"] == 123.0
+    # A resumed run loads the optimizer's state after registering: new group dicts, same hooks.
+    optimizer.load_state_dict(optimizer.state_dict())
+    for group in optimizer.param_groups:
+        group["lr"] = 123.0
+    expected = loss.current_lr_tau()
+    loss.logit_scale.grad = torch.tensor(1.0)
+    optimizer.step()
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(expected)
     assert optimizer.param_groups[0]["lr"] == 123.0
     # Clamped at the start of a forward too, without any optimizer.
     with torch.no_grad():
