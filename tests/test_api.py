@@ -286,6 +286,7 @@ def _run_blocked(code: str, blocked: tuple[str, ...]) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.slow
 def test_openclip_tau_works_without_lightly():
     code = (
         "import torch, openclip_tau, openclip_tau.train\n"
@@ -299,6 +300,7 @@ def test_openclip_tau_works_without_lightly():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_core_imports_only_torch():
     code = (
         "import tau_core\n"

@@ -37,6 +37,7 @@ def _env() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- step 1: data
+@pytest.mark.slow
 def test_smoke_shards_have_img2dataset_layout(smoke_run: dict) -> None:
     shard_dir = Path(smoke_run["data"]["shards"])
     files = shards.find_shards(shard_dir)
@@ -105,6 +106,7 @@ def test_smoke_checkpoint_holds_the_learned_temperatures(smoke_run: dict) -> Non
         assert tau.std() > 1e-3 and not torch.allclose(tau, torch.full_like(tau, 0.05))
 
 
+@pytest.mark.slow
 def test_smoke_training_resumes_from_its_last_checkpoint(smoke_run: dict) -> None:
     """Running train.sh's command again with more epochs continues the run (--resume latest)."""
     from openclip_tau import train as train_cli

@@ -20,6 +20,9 @@ import pytest
 import torch
 from _dist_utils import CASES, LOCAL_BATCH, index_schedule, run_all_cases, run_case, run_on_ranks
 
+# Two gloo processes per case.
+pytestmark = pytest.mark.slow
+
 WORLD_SIZE = 2
 
 

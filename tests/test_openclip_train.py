@@ -152,6 +152,7 @@ def runs(workdir: Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------- training
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", list(LOSS_ARGS))
 def test_each_loss_trains_and_its_loss_decreases(runs: dict[str, Path], loss: str) -> None:
     values = loss_values(runs[loss] / "out.log")
@@ -261,6 +262,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_with_resume_latest_ends_like_an_uninterrupted_one(
     workdir: Path, runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,6 +316,7 @@ def test_resume_with_another_table_size_or_loss_is_refused(
         )
 
 
+@pytest.mark.slow
 def test_accum_freq_updates_the_state_once_per_optimizer_step(workdir: Path) -> None:
     # Two accumulated batches of 16 make the same optimizer steps as one batch of 32. The epoch
     # stays inside one pass over the shards (upstream drops a pass's last partial batch, whose
@@ -346,6 +349,7 @@ def test_zero_shot_accuracy_counts_top_k_hits() -> None:
     assert train.zero_shot_accuracy(logits, target, topk=(1, 2)) == [1.0, 2.0]
 
 
+@pytest.mark.slow
 def test_imagenet_val_zero_shot_runs_under_numpy_2(
     runs: dict[str, Path], workdir: Path, tmp_path: Path
 ) -> None:
@@ -386,6 +390,7 @@ def test_csv_rows_index_the_state(workdir: Path) -> None:
     assert torch.isfinite(saved["loss_state_dict"]["state.log_u_text"]).all()
 
 
+@pytest.mark.slow
 def test_clip_on_csv_is_upstream_open_clip_train(workdir: Path) -> None:
     csv_path = write_csv(workdir / "csv-clip", 128)
 
@@ -418,6 +423,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_on_cpu(workdir: Path) -> None:
     name = "torchrun-isogclr"
     shutil.rmtree(workdir / "logs" / name, ignore_errors=True)

@@ -539,6 +539,7 @@ def dist_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     return run_on_ranks(_dist_all, tmp_path_factory.mktemp("ranks"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", DIST_CASES)
 def test_two_ranks_train_the_temperature_as_one_process(case, dist_results):
     """The loss is outside DDP (as in OpenCLIP's loop): its temperature gradients are still the
