@@ -142,7 +142,11 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
 
 
 def build_loss(
-    name: str, num_samples: int, gather_distributed: bool = False, **options: Any
+    name: str,
+    num_samples: int,
+    gather_distributed: bool = False,
+    state_layout: str = "replicated",
+    **options: Any,
 ) -> nn.Module:
     """The SimCLR loss chosen by ``--loss``: Lightly's ``NTXentLoss`` or one of lightly_tau's.
 
@@ -153,6 +157,7 @@ def build_loss(
         name: One of ``ntxent``, ``sogclr``, ``isogclr``, ``dystress``.
         num_samples: ``len(dataset)``; the size of the per-sample state.
         gather_distributed: Gather negatives (and the state updates) from all processes.
+        state_layout: ``replicated`` or ``sharded`` per-sample tables (stateful losses).
         options: Hyperparameters of the chosen loss (see ``LOSS_OPTIONS``).
     """
     if name not in LOSS_OPTIONS:
@@ -166,14 +171,33 @@ def build_loss(
     if name == "ntxent":
         return NTXentLoss(gather_distributed=gather_distributed, **options)
     if name == "sogclr":
-        return SogCLRLoss(num_samples, gather_distributed=gather_distributed, **options)
+        return SogCLRLoss(
+            num_samples,
+            gather_distributed=gather_distributed,
+            state_layout=state_layout,
+            **options,
+        )
     if name == "isogclr":
-        return ISogCLRLoss(num_samples, gather_distributed=gather_distributed, **options)
+        return ISogCLRLoss(
+            num_samples,
+            gather_distributed=gather_distributed,
+            state_layout=state_layout,
+            **options,
+        )
     if name == "rgclg":
-        return RGCLGLoss(num_samples, gather_distributed=gather_distributed, **options)
+        return RGCLGLoss(
+            num_samples,
+            gather_distributed=gather_distributed,
+            state_layout=state_layout,
+            **options,
+        )
     if name == "tempnet":
         return TempNetLoss(
-            num_samples, dim=PROJECTION_DIM, gather_distributed=gather_distributed, **options
+            num_samples,
+            dim=PROJECTION_DIM,
+            gather_distributed=gather_distributed,
+            state_layout=state_layout,
+            **options,
         )
     return DySTreSSLoss(gather_distributed=gather_distributed, **options)
 
@@ -291,10 +315,17 @@ class RunResult:
 def save_loss_state(
     directory: str | os.PathLike, rank: int, criterion: nn.Module, visited: Tensor
 ) -> Path:
-    """Writes ``{"loss_state": criterion.state_dict(), "visited": visited}`` for one rank."""
+    """Writes ``{"loss_state": ..., "tables": ..., "visited": visited}`` for one rank.
+
+    ``tables`` holds every per-sample table whole (``state.table``: with the sharded layout a
+    collective that gathers the rows of all ranks, so every rank must call this together).
+    """
     path = Path(directory) / f"loss_state_rank{rank}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"loss_state": criterion.state_dict(), "visited": visited.cpu()}, path)
+    state = getattr(criterion, "state", None)
+    tables = {} if state is None else {name: state.table(name).cpu() for name in state.names}
+    record = {"loss_state": criterion.state_dict(), "tables": tables, "visited": visited.cpu()}
+    torch.save(record, path)
     return path
 
 

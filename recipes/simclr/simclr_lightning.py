@@ -77,13 +77,16 @@ class SimCLR(pl.LightningModule):
         loss_options: Optional[dict[str, Any]] = None,
         gather_distributed: bool = False,
         lr: float = 0.06,
+        state_layout: str = "replicated",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone, num_features = build_backbone(backbone)
         self.projection_head = SimCLRProjectionHead(num_features, 512, PROJECTION_DIM)
         # The swap: NTXentLoss() in Lightly's example.
-        self.criterion = build_loss(loss, num_samples, gather_distributed, **(loss_options or {}))
+        self.criterion = build_loss(
+            loss, num_samples, gather_distributed, state_layout, **(loss_options or {})
+        )
         self.lr = lr
         self.tau_optimizer: Optional[torch.optim.Optimizer] = None
         # Indices this process trained on, and each step's loss (on the host, not buffers:
@@ -179,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with several devices, take negatives from each process's own batch only "
         "(the per-sample state is still synchronised across processes)",
     )
+    parser.add_argument(
+        "--state-layout",
+        choices=["replicated", "sharded"],
+        default="replicated",
+        help="per-sample tables of the stateful losses: every process holds every row "
+        "(replicated, default) or process r holds rows i %% devices == r (sharded)",
+    )
     parser.add_argument("--log-dir", default="logs", help="TensorBoard and checkpoint folder")
     parser.add_argument("--log-every", type=int, default=10, help="log every N steps")
     return parser
@@ -191,6 +201,11 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     check_run_arguments(args, parser)
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}.")
+    if args.state_layout == "sharded" and (args.devices < 2 or args.loss in ("ntxent", "dystress")):
+        parser.error(
+            "--state-layout sharded splits the per-sample tables of a stateful loss (sogclr, "
+            "isogclr, rgclg, tempnet) over several processes: use --devices 2 or more."
+        )
     options = loss_options(args, parser)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
@@ -219,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
         loss_options=options,
         gather_distributed=distributed,
         lr=args.lr,
+        state_layout=args.state_layout,
     )
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
     callbacks = [] if args.loss_state_dir is None else [SaveLossState(args.loss_state_dir)]
