@@ -800,7 +800,10 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     def while_training() -> tuple[dict, dict]:
         """The raw-pixel reference and the pixel-space densities (no training involved)."""
         pixel = {
-            key: knn_density(raw_pixel_features(datas[key].train).numpy(), settings.density_k)
+            key: knn_density(
+                raw_pixel_features(datas[key].train).numpy(),
+                min(settings.density_k, len(datas[key].train) - 1),
+            )
             for key in density_keys
         }
         return raw_pixel_baseline(data, settings), pixel

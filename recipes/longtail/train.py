@@ -618,7 +618,9 @@ def train_and_evaluate(
     tau = loss.sample_temperatures()
     temperatures = temperature_by_class(tau, data.train.targets, data) if tau is not None else None
     density = (
-        knn_density(features["train"].numpy(), settings.density_k) if tau is not None else None
+        knn_density(features["train"].numpy(), min(settings.density_k, len(data.train) - 1))
+        if tau is not None
+        else None
     )
     eval_seconds = time.perf_counter() - start
     eval_cpu_seconds = time.process_time() - cpu_start
