@@ -62,6 +62,7 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_recipe_checkpoint_and_folder(tmp_path: Path) -> None:
     folder, pixels = _folder(tmp_path / "images")
     n = len(pixels)

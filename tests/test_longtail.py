@@ -122,6 +122,7 @@ def _float(value: str) -> float:
     return float(value) if value not in ("", "nan") else math.nan
 
 
+@pytest.mark.slow
 def test_job_writes_every_file(job: dict) -> None:
     output = job["output"]
     assert job["status"] == 0
@@ -140,6 +141,7 @@ def test_job_writes_every_file(job: dict) -> None:
     assert "Seeds: 0 1" in report
 
 
+@pytest.mark.slow
 def test_one_row_per_run_and_per_loss(job: dict) -> None:
     rows, summary = job["rows"], job["summary"]
     assert [(r["loss"], int(r["seed"])) for r in rows] == [
@@ -150,6 +152,7 @@ def test_one_row_per_run_and_per_loss(job: dict) -> None:
     assert all(int(r["epochs"]) == 2 for r in rows)
 
 
+@pytest.mark.slow
 def test_accuracies_are_fractions_from_the_run(job: dict) -> None:
     rows, document = job["rows"], job["json"]
     for row, run in zip(rows, document["runs"]):
@@ -169,6 +172,7 @@ def test_accuracies_are_fractions_from_the_run(job: dict) -> None:
         assert _float(entry["knn_all_std"]) == pytest.approx(np.std(mine, ddof=1), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_numbers_differ_between_losses_and_seeds(job: dict) -> None:
     rows = job["rows"]
     final_losses = {(r["loss"], int(r["seed"])): _float(r["final_loss"]) for r in rows}
@@ -179,6 +183,7 @@ def test_numbers_differ_between_losses_and_seeds(job: dict) -> None:
         assert first["history"][0]["loss_mean"] != second["history"][0]["loss_mean"]
 
 
+@pytest.mark.slow
 def test_temperatures_stay_within_their_bounds(job: dict) -> None:
     for row in job["rows"]:
         low, high = _float(row["tau_bound_low"]), _float(row["tau_bound_high"])
@@ -207,6 +212,7 @@ def test_temperatures_stay_within_their_bounds(job: dict) -> None:
         assert run["history"][-1]["spearman"] == pytest.approx(temperatures["spearman"])
 
 
+@pytest.mark.slow
 def test_report_numbers_match_the_saved_models(job: dict, data_root: Path) -> None:
     """Reload a checkpoint, recompute kNN accuracy and temperatures: the table must agree."""
     document, output = job["json"], job["output"]
@@ -247,6 +253,7 @@ def test_report_numbers_match_the_saved_models(job: dict, data_root: Path) -> No
 CLAIM = [("natural", s) for s in SEEDS] + [("permuted", s) for s in SEEDS]
 
 
+@pytest.mark.slow
 def test_claim_runs_cover_every_seed_and_class_order(job: dict) -> None:
     """iSogCLR for each seed under both class orders; the comparison's natural-order runs are
     reused, the permuted ones trained on their own data; one verdict over all four."""
@@ -277,6 +284,7 @@ def test_claim_runs_cover_every_seed_and_class_order(job: dict) -> None:
         assert f"]({name})" in report
 
 
+@pytest.mark.slow
 def test_per_sample_densities_match_the_saved_models(job: dict, data_root: Path) -> None:
     """A permuted-order claim run: its temperatures, learned-feature and pixel densities in
     per_sample.csv are recomputed from its checkpoint and data."""
@@ -559,6 +567,7 @@ def _changed_temperatures(output: Path, document: dict) -> int:
     return int((saved["loss"]["state.tau"] != torch.tensor(init)).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_smoke_mode_runs_the_published_setting(
     preset: str, data_root: Path, tmp_path: Path
@@ -594,6 +603,7 @@ def test_preset_smoke_mode_runs_the_published_setting(
         assert (output / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_smoke_mode_under_lightning_ddp_gathers_state_from_both_processes(
     data_root: Path, tmp_path: Path
 ) -> None:
