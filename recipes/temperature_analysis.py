@@ -281,7 +281,7 @@ def plot_temperature_vs_density(
         shown = np.sort(np.random.default_rng(seed).choice(len(tau), max_points, replace=False))
     if groups is not None:
         labels = np.asarray(groups)[shown]
-        names = list(dict.fromkeys(labels.tolist()))
+        names = sorted(set(labels.tolist()), key=str)  # the same colour per group in every plot
         for name in names:
             mine = shown[labels == name]
             ax.scatter(density[mine], tau[mine], s=3, alpha=0.4, label=str(name))

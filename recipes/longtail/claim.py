@@ -190,8 +190,9 @@ def claim_verdict(runs: Sequence[ClaimRun], alpha: float = SIGNIFICANCE) -> dict
         text = f"The claim holds in none of the {n} runs ({rule}): {finals}."
     else:
         text = (
-            f"The claim holds in {k} of {n} runs ({rule}): {finals}; it holds for "
-            f"{'; '.join(supporting)} only, so it is not the method's behaviour in general here."
+            f"The claim holds in {k} of {n} runs ({rule}): {finals}. It holds only for "
+            f"{' and '.join(supporting)}; the other runs do not show it, so these runs do not "
+            "establish it as the method's general behaviour."
         )
     return {"kind": kind, "holds": k, "runs": n, "supporting": supporting, "text": text}
 
