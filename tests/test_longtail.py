@@ -386,7 +386,7 @@ def test_density_analysis_names_the_strongest_predictor() -> None:
 
 
 def test_every_registered_loss_reports_its_temperature_within_bounds() -> None:
-    settings = LossSettings()
+    settings = LossSettings(embedding_dim=8)
     torch.manual_seed(0)
     z0, z1 = torch.randn(16, 8), torch.randn(16, 8)
     z1 = z0 + 0.5 * z1  # some alignment
@@ -638,3 +638,26 @@ def test_imagenet100_preset_needs_a_folder(tmp_path: Path, no_training: list, ca
         longtail_run.main(["--preset", "imagenet100-lt", "--output", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--dataset folder PATH" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trained_temperatures_are_stepped_by_their_own_optimizer(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """RGCL-g's global temperature and TempNet's network move during the recipe's training."""
+    argv = TINY + ["--data-root", str(data_root), "--output", str(tmp_path / "report")]
+    argv += ["--losses", "rgclg", "tempnet", "--seeds", "0", "--claim-seeds"]
+    threads = torch.get_num_threads()
+    try:
+        assert longtail_run.main(argv) in (0, None)
+    finally:
+        torch.set_num_threads(threads)
+    runs = {
+        r["loss"]: r for r in json.loads((tmp_path / "report" / "results.json").read_text())["runs"]
+    }
+    rgclg = runs["rgclg"]["history"]
+    assert rgclg[0]["tau_low"] == pytest.approx(0.1, abs=1e-6)  # tau_init, first step
+    assert abs(rgclg[-1]["tau_mean"] - 0.1) > 1e-5  # its AdamW moved it
+    tempnet = runs["tempnet"]["history"]
+    assert tempnet[0]["tau_mean"] != tempnet[-1]["tau_mean"]
+    assert all(0.05 <= h["tau_low"] <= h["tau_high"] <= 0.5 for h in tempnet)

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightly_tau import DySTreSSLoss, IndexedDataset, ISogCLRLoss, SogCLRLoss
+from lightly_tau import (
+    DySTreSSLoss,
+    IndexedDataset,
+    ISogCLRLoss,
+    RGCLGLoss,
+    SogCLRLoss,
+    TempNetLoss,
+)
 from recipes.longtail.augment import (
     AugmentSettings,
     BatchSimCLRAugment,
@@ -66,6 +73,15 @@ class LossSettings:
     macl_temperature: float = 0.1
     macl_alpha: float = 0.5
     macl_a0: float = 0.0
+    # RGCL-g and TempNet (lightly_tau's unimodal defaults); their temperatures are trained by
+    # their own AdamW (see SimCLRRun.configure_optimizers).
+    rgclg_rho: float = 0.4
+    rgclg_tau_init: float = 0.1
+    rgclg_lr_tau: float = 2e-4
+    tempnet_rho: float = 0.4
+    tempnet_lr_tau: float = 3e-5
+    # Input size of TempNet's network: the projection head's output (set by the run).
+    embedding_dim: int = 128
 
     def temperature_bounds(self, loss: str) -> tuple[float, float]:
         """The range every temperature of ``loss`` must stay in."""
@@ -239,6 +255,42 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
         uses_index=True,
         per_sample=True,
     ),
+    "rgclg": LossSpec(
+        label="RGCL-g",
+        flags="--rgclg-* (LossSettings)",
+        build=lambda s, n, g: RGCLGLoss(
+            num_samples=n,
+            rho=s.rgclg_rho,
+            tau_init=s.rgclg_tau_init,
+            lr_tau=s.rgclg_lr_tau,
+            gather_distributed=g,
+        ),
+        temperature_kind="learned, one global (DRO)",
+        bounds=lambda s: (0.05, 1.0),
+        describe=lambda s: (
+            f"rho {s.rgclg_rho:g}, tau_init {s.rgclg_tau_init:g} in [0.05, 1], "
+            f"its own AdamW lr {s.rgclg_lr_tau:g}"
+        ),
+        uses_index=True,
+    ),
+    "tempnet": LossSpec(
+        label="TempNet",
+        flags="--tempnet-* (LossSettings)",
+        build=lambda s, n, g: TempNetLoss(
+            num_samples=n,
+            dim=s.embedding_dim,
+            rho=s.tempnet_rho,
+            lr_tau=s.tempnet_lr_tau,
+            gather_distributed=g,
+        ),
+        temperature_kind="predicted per sample by a network",
+        bounds=lambda s: (0.05, 0.5),
+        describe=lambda s: (
+            f"rho {s.tempnet_rho:g}, tau in [0.05, 0.5], network's own AdamW lr "
+            f"{s.tempnet_lr_tau:g} (x0.9 per epoch)"
+        ),
+        uses_index=True,
+    ),
     "dystress": LossSpec(
         label="DySTreSS",
         flags="--dystress-*",
@@ -374,6 +426,7 @@ class SimCLRRun(pl.LightningModule):
         self.augment = augment
         self.data = data
         self.history: list[dict] = []
+        self.tau_optimizer: Optional[torch.optim.Optimizer] = None
         self._sums: dict[str, Tensor] = {}
         # Lowest and highest batch temperature of the epoch.
         self._range: Optional[tuple[Tensor, Tensor]] = None
@@ -385,7 +438,12 @@ class SimCLRRun(pl.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         s = self.settings
-        params = self.parameters()
+        # A trained temperature (RGCL-g, TempNet) keeps its own AdamW with its published
+        # schedule, stepped after the model's optimizer; the model's optimizer leaves it out.
+        loss = self.criterion.loss
+        self.tau_optimizer = loss.optimizer([], lr=0.0) if hasattr(loss, "param_groups") else None
+        own = {id(p) for p in loss.parameters()}
+        params = [p for p in self.parameters() if id(p) not in own]
         if s.optimizer == "adam":
             optimizer: torch.optim.Optimizer = torch.optim.Adam(
                 params, lr=s.lr, weight_decay=s.weight_decay
@@ -427,6 +485,11 @@ class SimCLRRun(pl.LightningModule):
             images, targets, index = batch
             batch = ([self.augment(images), self.augment(images)], targets, index)
         return batch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.tau_optimizer is not None:
+            self.tau_optimizer.step()
+            self.tau_optimizer.zero_grad()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (x0, x1), _, index = batch
@@ -562,6 +625,7 @@ def train_and_evaluate(
         settings.output_dim,
     )
     gather = settings.devices > 1
+    loss_settings = replace(loss_settings, embedding_dim=settings.output_dim)
     loss = TemperatureLoss(loss_name, loss_settings, len(data.train), gather_distributed=gather)
     augment = (
         BatchSimCLRAugment(augment_settings, data.mean, data.std)
