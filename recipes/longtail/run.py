@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train the same SimCLR model on a long-tailed image dataset once per loss (default: "
             "NT-Xent, NT-Xent with a cosine temperature schedule, Lightly's MACL, SogCLR, "
-            "iSogCLR, DySTreSS; --losses all adds DCL), evaluate each with kNN and a linear "
+            "iSogCLR, DySTreSS; --losses all adds DCL, RGCL-g and TempNet), evaluate each with kNN and a linear "
             "probe on the balanced test set, test iSogCLR's temperature-frequency claim over "
             "several seeds and both class orders (and per sample against local density), and "
             "write a report (Markdown, CSV, JSON, PNG). The defaults take about ten minutes on "
