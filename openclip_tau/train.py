@@ -117,10 +117,10 @@ from openclip_tau.losses import (
     SogCLRClipLoss,
     TempNetClipLoss,
 )
-from tau_core.distributed import all_gather_variable
-from tau_core.state import (
+from tau_core import (
     STATE_LAYOUTS,
     ShardedPerSampleState,
+    all_gather_variable,
     describe_state_memory,
     load_state_shards,
     save_state_shards,

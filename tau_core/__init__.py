@@ -12,6 +12,7 @@ from tau_core.checks import (
     check_temperature_range,
 )
 from tau_core.distributed import (
+    all_gather_variable,
     all_reduce_max,
     concat_all_gather,
     gather_with_grad,
@@ -84,6 +85,7 @@ __all__ = [
     "TemperatureNetworkLoss",
     "TemperatureRule",
     "TrainedTemperatureMixin",
+    "all_gather_variable",
     "all_reduce_max",
     "average_gradient_over_ranks",
     "build_networks",
