@@ -60,7 +60,9 @@ def image_text_blocks(zi: Tensor, zt: Tensor, gather: bool) -> list[AnchorBlock]
     pos_col = torch.arange(b, device=zi.device) + offset
     return [
         AnchorBlock(sim_image, pos_col, None, suffix="_image", anchors=zi),
-        AnchorBlock(sim_text, pos_col, None, suffix="_text", anchors=zt),
+        AnchorBlock(
+            sim_text, pos_col, None, suffix="_text", anchors=zt, transpose_of=None if gather else 0
+        ),
     ]
 
 

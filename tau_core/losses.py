@@ -108,6 +108,9 @@ class AnchorBlock:
         views: Rows per sample: ``rows = views * batch_size`` and rows ``k * b + i`` belong to
             sample ``i`` of the local batch for every view ``k`` (SimCLR's two views: 2).
         anchors: (rows, dim) the anchors' normalised features (for rules that read them), or None.
+        transpose_of: Position of an earlier block whose ``sim`` this block's is the transpose
+            of (image-text in one process), or None. Its surrogate coefficients are then folded
+            into that block's, so autograd keeps one block and no transposed copy.
     """
 
     sim: Tensor
@@ -116,6 +119,33 @@ class AnchorBlock:
     suffix: str = ""
     views: int = 1
     anchors: Optional[Tensor] = None
+    transpose_of: Optional[int] = None
+
+
+class SurrogateSum:
+    """``sum over blocks of sum(coef * sim) / scale``, the surrogate whose gradient is ``coef``.
+
+    A block that is the transpose of an earlier one adds ``coef.T`` (rescaled) to that block's
+    coefficients instead of a term of its own: ``sum(c_t * S.T) = sum(c_t.T * S)``.
+    """
+
+    def __init__(self, blocks: Sequence[AnchorBlock]) -> None:
+        self.blocks = blocks
+        self.terms: dict[int, tuple[Tensor, float]] = {}
+
+    def add(self, position: int, coef: Tensor, scale: float) -> None:
+        primary = self.blocks[position].transpose_of
+        if primary is None:
+            self.terms[position] = (coef, scale)
+            return
+        primary_coef, primary_scale = self.terms[primary]
+        primary_coef.add_(coef.T, alpha=primary_scale / scale)
+
+    def total(self) -> Tensor:
+        out = self.blocks[0].sim.new_zeros(())
+        for position, (coef, scale) in self.terms.items():
+            out = out + weighted_similarity_sum(self.blocks[position].sim, coef) / scale
+        return out
 
 
 class ContrastiveLoss(nn.Module):
@@ -434,12 +464,13 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         rows = self.state.read(index, device=blocks[0].sim.device)
         gamma = self.current_gamma
         b = index.numel()
-        surrogate = objective = blocks[0].sim.new_zeros(())
+        surrogate_sum = SurrogateSum(blocks)
+        objective = blocks[0].sim.new_zeros(())
         new_rows: dict[str, Tensor] = {}
         temperatures: dict[str, Tensor] = {}
         rule = self.settings
         temperature_term = blocks[0].sim.new_zeros(())
-        for block in blocks:
+        for position, block in enumerate(blocks):
             v = block.views
             tau_rows = rule.block_temperature(rows, block.suffix, v, block.anchors)
             result = global_contrastive_rows(
@@ -453,7 +484,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
                 need_grad_tau=rule.learns or rule.trains_temperature,
             )
             scale = result.num_negatives * block.sim.shape[0] * len(blocks)
-            surrogate = surrogate + weighted_similarity_sum(block.sim, result.coef) / scale
+            surrogate_sum.add(position, result.coef, scale)
             objective = objective + result.objective.mean() / len(blocks)
             if rule.trains_temperature:
                 # d/dtau of the robust objective, pushed through tau's parameters by autograd.
@@ -469,6 +500,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             role_rows = rule.next_rows(rows, log_u, grad_tau, block.suffix)
             new_rows.update(role_rows)
             temperatures["tau" + block.suffix] = role_rows.get("tau" + block.suffix, tau_rows)
+        surrogate = surrogate_sum.total()
         if writes:
             if valid is not None:  # deferred checks: an invalid batch writes back the old rows
                 new_rows = {k: torch.where(valid, v, rows[k]) for k, v in new_rows.items()}
@@ -540,17 +572,16 @@ class DySTreSSBase(ContrastiveLoss):
         """Mean over blocks of the mean cross-entropy of each block's rows (``index`` unused)."""
         batch = self.check_batch(names, (out0, out1), None, is_distributed() and self.gathers())
         blocks = self.anchor_blocks(batch.z0, batch.z1)
-        loss = blocks[0].sim.new_zeros(())
+        surrogate_sum = SurrogateSum(blocks)
+        value = blocks[0].sim.new_zeros(())
         tau_pos = tau_neg = tau_all = 0.0
-        for block in blocks:
+        for position, block in enumerate(blocks):
             rows = block.sim.shape[0]
             result = dystress_rows(
                 block.sim.detach(), block.pos_col, block.self_col, self.tau_min, self.tau_max
             )
-            block_loss = with_value(
-                weighted_similarity_sum(block.sim, result.coef) / rows, result.loss.mean()
-            )
-            loss = loss + block_loss / len(blocks)
+            surrogate_sum.add(position, result.coef, rows * len(blocks))
+            value = value + result.loss.mean() / len(blocks)
             pos_sum = result.tau_positive.sum()
             neg_sum = result.tau_negative_sum.sum()
             tau_pos = tau_pos + pos_sum / (rows * len(blocks))
@@ -558,6 +589,7 @@ class DySTreSSBase(ContrastiveLoss):
             tau_all = tau_all + (pos_sum + neg_sum) / (
                 rows * (result.num_negatives + 1) * len(blocks)
             )
+        loss = with_value(surrogate_sum.total(), value)
         self.set_stats(
             {
                 "objective": loss,
