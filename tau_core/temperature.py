@@ -83,7 +83,8 @@ class LearnedTemperature:
         self, rows: dict[str, Tensor], suffix: str, views: int, anchors: Optional[Tensor]
     ) -> Tensor:
         """Temperature of each row of a block: the sample's (shared by its views)."""
-        return rows["tau" + suffix].repeat(views)
+        tau = rows["tau" + suffix]
+        return tau.repeat(views) if views > 1 else tau
 
     def next_rows(
         self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
