@@ -479,3 +479,27 @@ def test_model_configs_build_offline() -> None:
         )
     assert image.shape == text_features.shape == (2, 32)
     assert np.isfinite(image.numpy()).all()
+
+
+@pytest.mark.slow
+def test_smoke_tempnet_run_analyses_held_out_pairs(tmp_path: Path) -> None:
+    """TempNet trained by train.sh's command, the evaluation's embeddings of the local retrieval
+    pairs (never trained on) saved, and analyze.py's held-out temperatures from them."""
+    import torch
+
+    summary = smoke.run_smoke(tmp_path, losses=("tempnet",))
+    embeddings = torch.load(tmp_path / "eval" / "embeddings" / "smoke-tempnet.pt")
+    assert embeddings["image"].shape[0] == embeddings["text"].shape[0] > 0
+    folder = Path(summary["analysis_tempnet"])
+    assert (folder / "tau_train_vs_held_out.png").stat().st_size > 1000
+    # The range recorded in the checkpoint bounds the held-out temperatures.
+    held_out = analyze.held_out_temperatures(
+        Path(summary["checkpoints"]["tempnet"]),
+        tmp_path / "eval" / "embeddings" / "smoke-tempnet.pt",
+    )
+    checkpoint = torch.load(summary["checkpoints"]["tempnet"], weights_only=False)
+    kwargs = checkpoint["loss_options"]["class_kwargs"]
+    for role in ("image", "text"):
+        assert len(held_out[role]) == embeddings[role].shape[0]
+        assert (held_out[role] >= kwargs["tau_min"] - 1e-7).all()
+        assert (held_out[role] <= kwargs["tau_max"] + 1e-7).all()

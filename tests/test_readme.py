@@ -155,3 +155,30 @@ def test_pytorch_example_with_a_lightly_dataset_folder(tmp_path: Path) -> None:
     result = run_block(code, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "epoch: 01" in result.stdout
+
+
+# The Lightning-distributed example with each stateful loss in place of ISogCLRLoss; a trained
+# temperature takes the documented configure_optimizers (its own group, schedule and clamp).
+STATEFUL_SWAPS = {
+    "SogCLRLoss": ("SogCLRLoss(num_samples, gather_distributed=True)", False),
+    "RGCLGLoss": ("RGCLGLoss(num_samples, gather_distributed=True)", True),
+    "TempNetLoss": ("TempNetLoss(num_samples, dim=2048, gather_distributed=True)", True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", sorted(STATEFUL_SWAPS))
+def test_lightning_distributed_example_with_each_stateful_loss(loss: str, tmp_path: Path) -> None:
+    block = next(b for b in BLOCKS if 'strategy="ddp"' in b)
+    construction, trained = STATEFUL_SWAPS[loss]
+    code = block.replace("ISogCLRLoss(num_samples, gather_distributed=True)", construction)
+    code = code.replace("IndexedDataset, ISogCLRLoss", f"IndexedDataset, ISogCLRLoss, {loss}")
+    if trained:
+        code = code.replace(
+            "optim = torch.optim.SGD(self.parameters(), lr=0.06)",
+            "optim = self.criterion.optimizer(self.parameters(), lr=0.06)",
+        )
+        assert "self.criterion.optimizer(" in code
+    assert construction in code
+    result = run_block(code, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -153,11 +153,14 @@ def spearman(
     return rho, p, n
 
 
-def load_temperature_networks(checkpoint: Path, tau_min: float, tau_max: float) -> dict[str, Any]:
+def load_temperature_networks(
+    checkpoint: Path, tau_min: Optional[float] = None, tau_max: Optional[float] = None
+) -> dict[str, Any]:
     """TempNet's image and text networks from a checkpoint's loss state, in eval mode.
 
-    The dimension and the number of prototypes are read from the weights; the temperature range
-    is not in the state (``tau_min``, ``tau_max``: the run's, default the published 0.005, 0.05).
+    The dimension and the number of prototypes are read from the weights. The temperature range
+    is the run's: ``loss_options["class_kwargs"]`` of an ``openclip_tau.train`` checkpoint, else
+    ``tau_min``/``tau_max`` as given, else the published 0.005, 0.05.
     """
     import torch
 
@@ -165,6 +168,13 @@ def load_temperature_networks(checkpoint: Path, tau_min: float, tau_max: float) 
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state = saved.get("loss_state_dict", saved) if isinstance(saved, Mapping) else {}
+    recorded = {}
+    if isinstance(saved, Mapping):
+        recorded = (saved.get("loss_options") or {}).get("class_kwargs") or {}
+    if tau_min is None:
+        tau_min = recorded.get("tau_min", 0.005)
+    if tau_max is None:
+        tau_max = recorded.get("tau_max", 0.05)
     networks = {}
     for role in ROLES:
         prefix = f"temperature_networks.{role}."
@@ -182,7 +192,10 @@ def load_temperature_networks(checkpoint: Path, tau_min: float, tau_max: float) 
 
 
 def held_out_temperatures(
-    checkpoint: Path, embeddings: Path, tau_min: float = 0.005, tau_max: float = 0.05
+    checkpoint: Path,
+    embeddings: Path,
+    tau_min: Optional[float] = None,
+    tau_max: Optional[float] = None,
 ) -> dict[str, np.ndarray]:
     """TempNet's temperature of each held-out image and caption embedding.
 
@@ -382,7 +395,7 @@ def analyze(
     top: int = 20,
     permutations: int = PERMUTATIONS,
     held_out_embeddings: Optional[Path] = None,
-    tau_range: tuple[float, float] = (0.005, 0.05),
+    tau_range: Optional[tuple[float, float]] = None,
 ) -> dict[str, Any]:
     """Runs the whole analysis and writes every file listed in the module docstring."""
     tables, loss_name = load_temperature_tables(checkpoint)
@@ -415,7 +428,7 @@ def analyze(
         summary[f"visited_{role}"] = int(visited.sum())
         summary[f"tau_{role}"] = quantiles(frame.loc[visited, f"tau_{role}"].to_numpy())
     if held_out_embeddings is not None:
-        held_out = held_out_temperatures(checkpoint, held_out_embeddings, *tau_range)
+        held_out = held_out_temperatures(checkpoint, held_out_embeddings, *(tau_range or ()))
         plot_train_vs_held_out(frame, held_out, output / "tau_train_vs_held_out.png")
         for role in ROLES:
             summary[f"tau_{role}_held_out"] = quantiles(held_out[role])
@@ -517,9 +530,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--tau-range",
         type=float,
         nargs=2,
-        default=(0.005, 0.05),
+        default=None,
         metavar=("TAU_MIN", "TAU_MAX"),
-        help="TempNet's temperature range of the run (default: the published 0.005 0.05)",
+        help="TempNet's temperature range of the run (default: the one the checkpoint records, "
+        "else the published 0.005 0.05)",
     )
     args = parser.parse_args(argv)
     try:
@@ -531,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.top,
             args.permutations,
             args.held_out_embeddings,
-            tuple(args.tau_range),
+            tuple(args.tau_range) if args.tau_range else None,
         )
     except AnalysisInputError as err:
         print(f"error: {err}", file=sys.stderr)

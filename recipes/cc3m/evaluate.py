@@ -275,9 +275,19 @@ def recall_at_k(scores: Any, positive: Any, ks: Sequence[int] = RECALL_KS) -> di
 
 
 def local_retrieval(
-    model: Any, preprocess: Any, tokenizer: Any, folder: Path, device: str, batch_size: int = 64
+    model: Any,
+    preprocess: Any,
+    tokenizer: Any,
+    folder: Path,
+    device: str,
+    batch_size: int = 64,
+    embeddings_path: Optional[Path] = None,
 ) -> dict[str, float]:
-    """Recall@1/5/10 both ways on the local set; a caption matches every image of its class."""
+    """Recall@1/5/10 both ways on the local set; a caption matches every image of its class.
+
+    With ``embeddings_path`` the set's image and text embeddings are saved there as
+    ``{"image": (n, d), "text": (n, d)}``: held-out pairs for ``analyze.py --held-out-embeddings``.
+    """
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -294,6 +304,9 @@ def local_retrieval(
             image_features.append(F.normalize(model.encode_image(images).float(), dim=-1).cpu())
             text_features.append(F.normalize(model.encode_text(texts).float(), dim=-1).cpu())
     images_emb, texts_emb = torch.cat(image_features), torch.cat(text_features)
+    if embeddings_path is not None:
+        embeddings_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"image": images_emb, "text": texts_emb}, embeddings_path)
     labels = torch.tensor(table["label"].to_numpy().copy())
     positive = labels[:, None] == labels[None, :]  # images (rows) x captions (columns)
     scores = images_emb @ texts_emb.T
@@ -417,8 +430,13 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     workers: int = 4,
     precision: Optional[str] = None,
+    save_embeddings: bool = False,
 ) -> dict[str, Any]:
-    """Runs the requested evaluations of one checkpoint and saves ``output/runs/<label>.json``."""
+    """Runs the requested evaluations of one checkpoint and saves ``output/runs/<label>.json``.
+
+    With ``save_embeddings``, the local retrieval set's embeddings go to
+    ``output/embeddings/<label>.pt`` (held-out pairs for ``analyze.py --held-out-embeddings``).
+    """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -448,8 +466,16 @@ def evaluate_checkpoint(
         model.eval()
         tokenizer = open_clip.get_tokenizer(spec.model)
         if local_retrieval_dir is not None:
+            embeddings = output / "embeddings" / f"{spec.label}.pt" if save_embeddings else None
             result.update(
-                local_retrieval(model, preprocess, tokenizer, local_retrieval_dir, device)
+                local_retrieval(
+                    model,
+                    preprocess,
+                    tokenizer,
+                    local_retrieval_dir,
+                    device,
+                    embeddings_path=embeddings,
+                )
             )
         if clip_benchmark_root is not None:
             for dataset in datasets:
@@ -629,6 +655,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="clip_benchmark retrieval datasets to run",
     )
     parser.add_argument("--local-retrieval", type=Path, help="local retrieval set (smoke mode)")
+    parser.add_argument(
+        "--save-embeddings",
+        action="store_true",
+        help="save the local retrieval set's image and text embeddings as "
+        "OUTPUT/embeddings/<label>.pt (held-out pairs for analyze.py --held-out-embeddings)",
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
@@ -662,6 +694,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             precision=args.precision,
+            save_embeddings=args.save_embeddings,
         )
         print(json.dumps(result, indent=2))
     build_table(args.output)

@@ -2,12 +2,16 @@
 # Step 2 of the CC3M recipe: trains one loss with the published CC3M settings (resumable).
 #
 # Usage: DATA=/data/cc3m/shards recipes/cc3m/train.sh LOSS [more openclip_tau.train options]
-#   LOSS  clip | siglip | sogclr | isogclr | dystress
+#   LOSS  clip | siglip | sogclr | isogclr | rgclg | tempnet | dystress
 #
 # Settings (ALGORITHMS.md, the iSogCLR CC3M recipe): global batch 512, AdamW lr 2e-4, wd 0.02,
 # cosine schedule after 2000 warmup steps, 30 epochs, mixed precision.
 #   isogclr   rho 6.0, tau_init 0.01 in [0.005, 1.0], eta 0.03, beta 0.9, gamma 0.8
 #   sogclr    tau 0.01, gamma 0.9
+#   rgclg     FastCLIP-v3's CC3M setting: tau_init 0.07 in [0.01, 1.0], rho 6.5, its AdamW lr 2e-4
+#             (divided by 3 once tau <= 0.03), gamma 0.2 after a cosine decay over 18 epochs
+#   tempnet   TempNet's CC3M script: rho 7.0, tau in [0.005, 0.05], networks' Adam lr 3e-5 x 0.9
+#             per epoch, gamma 0.8
 #   dystress  tau(s) from 0.01 (s = 0) to 0.04 (s = +-1)
 #   clip      learned logit scale, --local-loss --gather-with-grad (exact global-batch gradient)
 #   siglip    upstream's SigLIP loss and its initialisation
@@ -42,9 +46,14 @@ case "$LOSS" in
   isogclr)
     LOSS_ARGS=(--tau-rho 6.0 --tau-init 0.01 --tau-min 0.005 --tau-max 1.0
       --tau-eta 0.03 --tau-beta 0.9 --tau-gamma 0.8) ;;
+  rgclg)
+    LOSS_ARGS=(--tau-rho 6.5 --tau-init 0.07 --tau-min 0.01 --tau-max 1.0 --tau-lr 2e-4
+      --tau-gamma 0.2 --tau-gamma-decay-epochs 18) ;;
+  tempnet)
+    LOSS_ARGS=(--tau-rho 7.0 --tau-min 0.005 --tau-max 0.05 --tau-lr 3e-5 --tau-gamma 0.8) ;;
   dystress) LOSS_ARGS=(--tau-min 0.01 --tau-max 0.04) ;;
   *)
-    echo "error: LOSS must be one of clip, siglip, sogclr, isogclr, dystress; got '$LOSS'" >&2
+    echo "error: LOSS must be one of clip, siglip, sogclr, isogclr, rgclg, tempnet, dystress; got '$LOSS'" >&2
     exit 2 ;;
 esac
 if [ -z "${DATA:-}" ]; then
@@ -70,7 +79,7 @@ BATCH=$((GLOBAL_BATCH / WORLD))
 TRAIN_DATA=$("$PYTHON" -m recipes.cc3m.shards "$DATA")
 TRAIN_NUM_SAMPLES=${TRAIN_NUM_SAMPLES:-$("$PYTHON" -m recipes.cc3m.shards "$DATA" --count 2>/dev/null)}
 KEY_INDEX="$DATA/key_index.txt"
-if [ "$LOSS" = sogclr ] || [ "$LOSS" = isogclr ]; then
+if [ "$LOSS" != clip ] && [ "$LOSS" != siglip ] && [ "$LOSS" != dystress ]; then
   if [ ! -f "$KEY_INDEX" ]; then
     echo "error: $KEY_INDEX not found; build it with" >&2
     echo "  $PYTHON -m openclip_tau.key_index --shards \"$TRAIN_DATA\" --output $KEY_INDEX" >&2
