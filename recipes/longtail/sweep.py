@@ -257,6 +257,28 @@ def _pm(row: dict[str, Any], name: str) -> str:
     return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
+def _metric_table(
+    summary: list[dict], losses: list[str], batches: list[int], profile: str, metric: str
+) -> list[str]:
+    """Markdown rows of ``metric`` (mean ± sd over seeds) per loss and batch size, one profile."""
+    lines = ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
+    lines += ["|---|" + "---|" * len(batches)]
+    for loss in losses:
+        cells = []
+        for b in batches:
+            row = next(
+                (
+                    r
+                    for r in summary
+                    if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
+                ),
+                None,
+            )
+            cells.append(_pm(row, metric) if row else "–")
+        lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(
     config: dict[str, Any],
     summary: Sequence[dict[str, Any]],
@@ -279,41 +301,11 @@ def markdown(
     batches = sorted({r["batch_size"] for r in summary})
     for profile in config["profiles"]:
         lines += [f"**{profile}** ({config['train_images'][profile]} training images)", ""]
-        lines += ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
-        lines += ["|---|" + "---|" * len(batches)]
-        for loss in config["losses"]:
-            cells = []
-            for b in batches:
-                row = next(
-                    (
-                        r
-                        for r in summary
-                        if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
-                    ),
-                    None,
-                )
-                cells.append(_pm(row, "probe_all") if row else "–")
-            lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _metric_table(summary, config["losses"], batches, profile, "probe_all")
     lines += ["kNN top-1 (%), same runs:", ""]
     for profile in config["profiles"]:
         lines += [f"**{profile}**", ""]
-        lines += ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
-        lines += ["|---|" + "---|" * len(batches)]
-        for loss in config["losses"]:
-            cells = []
-            for b in batches:
-                row = next(
-                    (
-                        r
-                        for r in summary
-                        if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
-                    ),
-                    None,
-                )
-                cells.append(_pm(row, "knn_all") if row else "–")
-            lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _metric_table(summary, config["losses"], batches, profile, "knn_all")
     lines += ["Linear-probe change from the largest to the smallest batch:", ""]
     lines += [f"- {effect_sentence(e)}." for e in effects]
     lines += ["", "![accuracy against batch size](sweep.png)", ""]
