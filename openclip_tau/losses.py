@@ -189,6 +189,21 @@ class _GlobalContrastiveClipLoss(_ClipMixin, GlobalContrastiveLoss):
         return self._clip_output(loss, logit_scale, logit_bias, output_dict)
 
 
+class _RoleTemperatureTables:
+    """``tau_image`` and ``tau_text``: the per-sample temperature tables of the two anchor roles
+    (iSogCLR's learned ones; TempNet's as predicted at each pair's last visit, NaN before)."""
+
+    @property
+    def tau_image(self) -> Tensor:
+        """Temperature of each pair's image anchor, shape (num_samples,) (a copy)."""
+        return self.state.table("tau_image")  # type: ignore[attr-defined]
+
+    @property
+    def tau_text(self) -> Tensor:
+        """Temperature of each pair's text anchor, shape (num_samples,) (a copy)."""
+        return self.state.table("tau_text")  # type: ignore[attr-defined]
+
+
 class SogCLRClipLoss(_GlobalContrastiveClipLoss):
     """Image-text global contrastive loss with per-sample moving averages (SogCLR).
 
@@ -267,7 +282,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
         return torch.full((self.num_samples,), self.temperature)
 
 
-class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
+class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
     """Image-text contrastive loss with a learned temperature per image and per caption (iSogCLR).
 
     Each pair ``i`` has an image temperature ``tau_image[i]`` (its image as anchor against the
@@ -335,16 +350,6 @@ class ISogCLRClipLoss(_GlobalContrastiveClipLoss):
             world_size,
             state_layout,
         )
-
-    @property
-    def tau_image(self) -> Tensor:
-        """Temperature of each pair's image anchor, shape (num_samples,) (a copy)."""
-        return self.state.table("tau_image")
-
-    @property
-    def tau_text(self) -> Tensor:
-        """Temperature of each pair's text anchor, shape (num_samples,) (a copy)."""
-        return self.state.table("tau_text")
 
 
 class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
@@ -436,7 +441,7 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
         return torch.full((embeddings.shape[0],), self.temperature, device=embeddings.device)
 
 
-class TempNetClipLoss(TemperatureNetworkLoss, _GlobalContrastiveClipLoss):
+class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalContrastiveClipLoss):
     """Image-text iSogCLR with temperatures predicted by an image and a text network (TempNet).
 
     :class:`ISogCLRClipLoss` where image anchor ``i`` gets ``tau_i = f_image(z_i)`` and text
@@ -529,16 +534,6 @@ class TempNetClipLoss(TemperatureNetworkLoss, _GlobalContrastiveClipLoss):
         Without dropout; the embeddings are L2-normalised first, as in training. Shape (n,).
         """
         return self._predict(embeddings, role)
-
-    @property
-    def tau_image(self) -> Tensor:
-        """Temperature predicted for each pair's image at its last visit (NaN if never)."""
-        return self.state.table("tau_image")
-
-    @property
-    def tau_text(self) -> Tensor:
-        """Temperature predicted for each pair's caption at its last visit (NaN if never)."""
-        return self.state.table("tau_text")
 
 
 class DySTreSSClipLoss(_ClipMixin, DySTreSSBase):
