@@ -11,12 +11,15 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import open_clip
 import webdataset as wds
+from _dist_utils import free_port
 from PIL import Image
 
 from recipes.fashion_mnist import load as load_fashion_mnist
@@ -174,3 +177,30 @@ def zero_shot_accuracy(
         text_features = net.encode_text(prompts, normalize=True)
     predicted = (image_features @ text_features.T).argmax(dim=1).numpy()
     return float((predicted == labels).mean())
+
+
+def torchrun_train(
+    root: os.PathLike, args: Sequence[str], timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``openclip_tau.train`` in 2 gloo processes under torchrun, with the tiny model config of
+    ``root`` registered in every process; fails with the end of stderr on a non-zero exit."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "--",  # our flags such as --logs are prefixes of torchrun's
+        "openclip_tau.train",
+        "--add-model-config",
+        str(Path(root) / f"{TINY_MODEL}.json"),
+        *args,
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -11,9 +11,6 @@ import logging
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ from openclip_fixtures import (
     loss_values,
     register_tiny_model,
     shard_pattern,
+    torchrun_train,
     write_csv,
     write_shards,
     zero_shot_accuracy,
@@ -417,37 +415,13 @@ def test_clip_on_csv_is_upstream_open_clip_train(workdir: Path) -> None:
         assert torch.equal(ours["state_dict"][key], value), key
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_torchrun_on_cpu(workdir: Path) -> None:
     name = "torchrun-isogclr"
     shutil.rmtree(workdir / "logs" / name, ignore_errors=True)
     args = common_args(workdir, name, epochs=2)
     args[args.index("--workers") + 1] = "1"  # one data worker per rank: 4 shards >= 2 x 1
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "--",  # our flags such as --logs are prefixes of torchrun's
-        "openclip_tau.train",
-        "--add-model-config",
-        str(workdir / f"{TINY_MODEL}.json"),
-        *LOSS_ARGS["isogclr"],
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_train(workdir, [*LOSS_ARGS["isogclr"], *args], timeout=600)
     log = (workdir / "logs" / name / "out.log").read_text()
     assert "Running in distributed mode with multiple processes" in log
     assert "total 2" in log

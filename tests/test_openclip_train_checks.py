@@ -12,7 +12,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from open_clip_train import train as upstream_train
 from openclip_fixtures import (
     NO_CROP_AUGMENTATION,
     TINY_MODEL,
+    free_port,
     register_tiny_model,
     shard_pattern,
     write_csv,
@@ -177,10 +177,6 @@ def test_resampled_shard_draw_depends_on_seed_and_epoch_only() -> None:
 
 
 # ---------------------------------------------------------------------------- item 3
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_csv_order_under_torchrun_follows_the_seed(workdir: Path) -> None:
@@ -233,6 +229,19 @@ def _no_options() -> dict:
         (["--loss", "sogclr", "--tau-gamma", "0"], "--tau-gamma must lie in (0, 1], got 0.0."),
         (["--loss", "dystress", "--tau-min", "0"], "--tau-min must lie in (0, inf], got 0.0."),
         (["--loss", "isogclr", "--tau-init", "2"], "--tau-init must lie in"),
+        # RGCL-g and TempNet
+        (["--loss", "rgclg", "--tau-lr", "-1"], "--tau-lr must lie in [0, inf], got -1.0."),
+        (["--loss", "rgclg", "--tau-init", "2"], "--tau-init must lie in [0.01, 1], got 2.0."),
+        (
+            ["--loss", "rgclg", "--tau-lr-drop-factor", "2"],
+            "--tau-lr-drop-factor must lie in (0, 1], got 2.0.",
+        ),
+        (["--loss", "rgclg", "--tau-eta", "0.1"], "--tau-eta applies to --loss isogclr"),
+        (["--loss", "tempnet", "--tau-lr-decay", "0"], "--tau-lr-decay must lie in (0, 1]"),
+        (["--loss", "tempnet", "--tau-dropout", "1.5"], "--tau-dropout"),
+        (["--loss", "tempnet", "--tau-prototypes", "0"], "--tau-prototypes"),
+        (["--loss", "tempnet", "--tau-lr-drop-below", "0.1"], "--tau-lr-drop-below applies to"),
+        (["--loss", "sogclr", "--tau-prototypes", "8"], "--tau-prototypes applies to"),
     ],
 )
 def test_loss_options_are_checked_before_anything_is_built(
