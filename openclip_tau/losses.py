@@ -299,7 +299,7 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
     code keeps it in the normaliser). Stable in float32 down to tau 0.005: ``u`` is stored as
     ``log(u)``. With ``eta = 0`` it equals :class:`SogCLRClipLoss` at ``tau_init`` (the value
     shifted by ``tau_init * rho``). The published CC3M settings (rho 6, eta 0.03) assume a global
-    batch of 512 or more; see the README for small batches.
+    batch of 512 or more; see docs/openclip.md for small batches.
 
     - [0] Qiu et al., iSogCLR, ICML 2023, https://arxiv.org/abs/2305.11965
 

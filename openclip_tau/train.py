@@ -9,7 +9,7 @@ Usage (every option of ``open_clip_train.main`` works as upstream)::
     torchrun --nproc-per-node 8 -m openclip_tau.train --loss sogclr ...
 
 Nothing of the training loop is copied. ``open_clip_train.main.main`` runs as it is, with the
-names it bound at import replaced for the duration of the run (ECOSYSTEM.md):
+names it bound at import replaced for the duration of the run (docs/design.md):
 
 - ``parse_args``: our options (``--loss``, ``--tau-*``, ``--add-model-config``) are removed before
   upstream's parser sees them (it matches prefixes: ``--loss X`` would become

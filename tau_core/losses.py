@@ -44,7 +44,7 @@ from tau_core.temperature import TemperatureRule
 IndexLike = Union[Tensor, Sequence[int]]
 
 # tau_max / tau_min above which s / tau(s) stops increasing in s (about 4.5), and above which a
-# negative near s = 0.23 outranks a perfect positive (about 8.2); see ALGORITHMS.md.
+# negative near s = 0.23 outranks a perfect positive (about 8.2); see docs/methods.md.
 DYSTRESS_MONOTONE_RATIO = 4.5
 DYSTRESS_RANKING_RATIO = 8.2
 

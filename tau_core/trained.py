@@ -73,7 +73,12 @@ class GlobalTemperature(nn.Module):
 
     Args:
         tau_init: Initial temperature, in ``[tau_min, tau_max]``.
-        tau_min, tau_max: Bounds of the temperature.
+        tau_min: Lower bound of the temperature, > 0.
+        tau_max: Upper bound of the temperature, >= ``tau_min``.
+
+    Raises:
+        ValueError: If a bound is not positive, ``tau_min > tau_max``, or ``tau_init`` lies
+            outside ``[tau_min, tau_max]`` (the message names the argument and its range).
     """
 
     def __init__(self, tau_init: float, tau_min: float, tau_max: float) -> None:
@@ -156,11 +161,16 @@ class TemperatureNetwork(nn.Module):
     Models via DRO", ICML 2024, https://arxiv.org/abs/2404.04575 (``TempGenerator``).
 
     Args:
-        dim: Embedding dimension ``d``.
-        tau_min, tau_max: Range of the temperatures. Defaults 0.005 and 0.05.
-        num_prototypes: ``M``. Default 256.
-        dropout: Dropout rate after the projection (active in training mode). Default 0.5.
-        seed: Seed of the initialisation. Default 0.
+        dim: Embedding dimension ``d``, an integer >= 1.
+        tau_min: Lowest predicted temperature, > 0. Default 0.005.
+        tau_max: Highest predicted temperature, >= ``tau_min``. Default 0.05.
+        num_prototypes: ``M``, an integer >= 1. Default 256.
+        dropout: Dropout rate after the projection (active in training mode), in [0, 1).
+            Default 0.5.
+        seed: Seed of the initialisation (any integer). Default 0.
+
+    Raises:
+        ValueError: If an argument lies outside its range (the message names it and the range).
 
     Examples:
         >>> net = TemperatureNetwork(256)

@@ -1,4 +1,4 @@
-"""NumPy loop references of the losses, written from the equations in ALGORITHMS.md.
+"""NumPy loop references of the losses, written from the equations in docs/methods.md.
 
 Everything here is float64 and deliberately naive: explicit loops over anchors and negatives,
 ``u`` kept as a plain number (not in log space), gradients derived by hand. It shares no code
@@ -92,7 +92,7 @@ def input_gradient(x: np.ndarray, grad_e: np.ndarray) -> np.ndarray:
 
 
 def anchor_update(h: Sequence[float], tau: float, u_old: float, visited: bool, settings: Settings):
-    """One anchor: moving average, weights and temperature gradient (ALGORITHMS.md).
+    """One anchor: moving average, weights and temperature gradient (docs/methods.md).
 
     Returns ``(u, w, grad_tau, objective)``.
     """
@@ -350,7 +350,7 @@ def rgclg_objective_image_text(
     image: np.ndarray, text: np.ndarray, tau: float, rho: float
 ) -> float:
     """FastCLIP-v3's objective on one batch with the batch as the whole dataset, halved:
-    ``1/2 * mean_i [robust_i(image anchor) + robust_i(text anchor)]`` (ALGORITHMS.md, F / 2)."""
+    ``1/2 * mean_i [robust_i(image anchor) + robust_i(text anchor)]`` (docs/methods.md, F / 2)."""
     b = image.shape[0]
     e_img, e_txt = normalize(image), normalize(text)
     total = 0.0
@@ -380,7 +380,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def tempnet_forward(z: np.ndarray, params: dict, tau_min: float, tau_max: float) -> np.ndarray:
-    """TempNet's generator without dropout, from its equations (ALGORITHMS.md), in float64.
+    """TempNet's generator without dropout, from its equations (docs/methods.md), in float64.
 
     ``params``: ``proj.weight`` (d, d), ``proj.bias`` (d,), ``prototypes`` (M, d), ``log_scale``,
     ``head.weight`` (1, M), ``head.bias`` (1,).

@@ -205,7 +205,7 @@ def test_smoke_evaluation_table(smoke_run: dict) -> None:
 
 
 def test_comparison_table_shows_published_numbers_as_theirs(tmp_path: Path) -> None:
-    """PUBLISHED.md's TempNet figure (CC3M, mean of 3 seeds) in our columns, marked as theirs
+    """docs/published.md's TempNet figure (CC3M, mean of 3 seeds) in our columns, marked as theirs
     with its setting; FastCLIP's metrics that we do not compute below the table."""
     table = evaluate.build_table(tmp_path).set_index("method", drop=False)
     theirs = table[table["source"].str.startswith("published numbers (")]

@@ -1,6 +1,6 @@
 """RGCL-g (a global temperature learned by DRO) and TempNet (a temperature network), both hosts.
 
-Against float64 references written from ALGORITHMS.md (``references.py``): the temperature's
+Against float64 references written from docs/methods.md (``references.py``): the temperature's
 gradient against finite differences of the robust objective and against the per-anchor formula;
 the model's gradient against SogCLR / iSogCLR at the same temperatures; the network's gradient
 against a float64 chain rule; the optimizer helpers; bad input; two gloo processes against one.

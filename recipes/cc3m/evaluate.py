@@ -18,7 +18,7 @@ For each ``--checkpoint`` (an OpenCLIP checkpoint, ``<logs>/<name>/checkpoints/e
 Each evaluation is saved as ``OUTPUT/runs/<label>.json``; then ``OUTPUT/comparison.md`` and
 ``OUTPUT/comparison.csv`` are rebuilt from all saved runs, with the published settings below
 them, marked as published. The papers' own tables are not transcribed (cells "see paper" with the
-reference); the published numbers of /work/shared/PUBLISHED.md (TempNet's README figure,
+reference); the published numbers of docs/published.md (TempNet's README figure,
 FastCLIP's README table) are shown as rows marked "published, theirs" with their setting where a
 metric is the same as ours, and below the table where it is not.
 
@@ -78,7 +78,7 @@ PUBLISHED = (
 )
 
 
-#: Published numbers (theirs, from /work/shared/PUBLISHED.md), each source with its setting.
+#: Published numbers (theirs, from docs/published.md), each source with its setting.
 #: ``metrics`` uses our column names where the metric is the same (TempNet's "image R@1" is
 #: text-to-image retrieval, "text R@1" image-to-text); ``other`` holds metrics we do not compute.
 PUBLISHED_NUMBERS = (

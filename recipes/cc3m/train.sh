@@ -4,7 +4,7 @@
 # Usage: DATA=/data/cc3m/shards recipes/cc3m/train.sh LOSS [more openclip_tau.train options]
 #   LOSS  clip | siglip | sogclr | isogclr | rgclg | tempnet | dystress
 #
-# Settings (ALGORITHMS.md, the iSogCLR CC3M recipe): global batch 512, AdamW lr 2e-4, wd 0.02,
+# Settings (docs/methods.md, the iSogCLR CC3M recipe): global batch 512, AdamW lr 2e-4, wd 0.02,
 # cosine schedule after 2000 warmup steps, 30 epochs, mixed precision.
 #   isogclr   rho 6.0, tau_init 0.01 in [0.005, 1.0], eta 0.03, beta 0.9, gamma 0.8
 #   sogclr    tau 0.01, gamma 0.9

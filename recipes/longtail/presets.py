@@ -1,7 +1,7 @@
 """Published settings of the long-tail runs (``--preset``) and their CPU smoke mode (``--smoke``).
 
 A preset fills in the option defaults of one published setting; options given on the command line
-still win. The iSogCLR CIFAR recipe (ALGORITHMS.md): ResNet-18, batch 128, LARS with learning rate
+still win. The iSogCLR CIFAR recipe (docs/methods.md): ResNet-18, batch 128, LARS with learning rate
 0.8, 400 epochs; iSogCLR tau_init 0.1 in [0.05, 1.0], rho 0.4, eta 0.03, beta 0.5, gamma 0.8;
 NT-Xent and SogCLR at tau 0.1; DySTreSS (0.07, 0.2) on CIFAR and (0.1, 0.2) on ImageNet; the
 cosine schedule of Kukleva et al. between 0.1 and 1.0. The long-tail profile is CIFAR-10-LT's at

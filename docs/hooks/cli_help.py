@@ -1,0 +1,51 @@
+"""mkdocs hook: the command-line reference is generated from the parsers themselves.
+
+A page line ``<!-- cli-help: PROGRAM -->`` becomes a code block with the text that the program
+prints for ``--help``. ``PROGRAM`` is a module (``openclip_tau.train``: its ``main(["--help"])``
+is called) or a script path relative to the repository (``examples/lightly/simclr.py``: run as
+``__main__`` with ``sys.argv = [path, "--help"]``). argparse prints the help and exits; the hook
+captures what was printed, so the reference cannot drift from the options the programs accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import re
+import runpy
+import sys
+from pathlib import Path
+
+MARKER = re.compile(r"^<!-- cli-help: ([\w./-]+) -->$", re.M)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(program: str) -> None:
+    if program.endswith(".py"):
+        argv = sys.argv
+        sys.argv = [program, "--help"]
+        try:
+            runpy.run_path(str(ROOT / program), run_name="__main__")
+        finally:
+            sys.argv = argv
+    else:
+        importlib.import_module(program).main(["--help"])
+
+
+def help_text(program: str) -> str:
+    """What ``program --help`` prints on stdout."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+        _run(program)
+    text = buffer.getvalue().strip()
+    if not text:
+        raise RuntimeError(f"{program} --help printed nothing")
+    return text
+
+
+def on_page_markdown(markdown: str, **kwargs: object) -> str:
+    def block(match: re.Match[str]) -> str:
+        return f"```text\n{help_text(match.group(1))}\n```"
+
+    return MARKER.sub(block, markdown)
