@@ -16,11 +16,20 @@ class IndexedDataset(Dataset):
     (``(sample, target, fname, i)``) alike, so a Lightly example reads ``batch[0]`` as before and
     ``batch[-1]`` for the index. An item that is not a tuple becomes ``(item, i)``.
 
+    Args:
+        dataset: A map-style dataset (with ``__len__`` and ``__getitem__``): a torchvision
+            dataset, a ``LightlyDataset``, a ``Subset``, your own. Other attributes (``classes``,
+            ``targets``, ...) are forwarded to it.
+
+    Raises:
+        TypeError: If ``dataset`` has no ``__len__`` (an iterable-style dataset).
+
     Examples:
-        >>> dataset = IndexedDataset(torchvision.datasets.CIFAR10("data", transform=SimCLRTransform()))
-        >>> (x0, x1), target, index = dataset[5]
-        >>> index
-        5
+        >>> import torchvision
+        >>> dataset = IndexedDataset(torchvision.datasets.FakeData(10, (3, 32, 32)))
+        >>> image, target, index = dataset[5]
+        >>> index, len(dataset)
+        (5, 10)
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -55,11 +64,20 @@ class IndexedCollate:
     the batch becomes ``(*collate_fn(items), index)``, so ``batch[0]`` is unchanged and
     ``batch[-1]`` is the index.
 
+    Args:
+        collate_fn: The collate function for the items without their index, e.g. Lightly's
+            ``MultiViewCollate()``; called with a list of items, it returns the batch.
+
     Examples:
-        >>> dataset = IndexedDataset(LightlyDataset("path/to/folder", transform=SimCLRTransform()))
-        >>> loader = DataLoader(dataset, batch_size=256, collate_fn=IndexedCollate(MultiViewCollate()))
-        >>> for batch in loader:
-        >>>     (x0, x1), index = batch[0], batch[-1]
+        >>> from torch.utils.data import default_collate
+        >>> items = [(torch.zeros(2), 0, 7), (torch.ones(2), 1, 3)]  # (x, target, index)
+        >>> batch = IndexedCollate(default_collate)(items)
+        >>> batch[-1]  # the batch's indices
+        tensor([7, 3])
+
+        With Lightly: ``DataLoader(IndexedDataset(LightlyDataset(folder, transform=...)),
+        collate_fn=IndexedCollate(MultiViewCollate()))``, then
+        ``(x0, x1), index = batch[0], batch[-1]``.
     """
 
     def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:

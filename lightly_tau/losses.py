@@ -79,6 +79,14 @@ class _UnimodalGlobalLoss(_UnimodalMixin, GlobalContrastiveLoss):
             A scalar whose value is the objective estimate (mean over anchors) and whose gradient
             is the surrogate's. The samples' state is updated in training mode when the features
             require gradients; otherwise it is only read.
+
+        Raises:
+            ValueError: If ``index`` is missing (stateful losses), a feature tensor is not 2-D
+                floating point or the two shapes differ, ``index`` does not hold one integer in
+                ``[0, num_samples)`` per sample, or the features hold NaN or Inf. Raised on
+                every rank and before the state changes; on an accelerator at a later call
+                (see ``raise_deferred_error``) unless ``sync_checks`` is True.
+            RuntimeError: With ``state_layout="sharded"`` when no process group exists.
         """
         return self.global_contrastive_loss(FEATURE_NAMES, out0, out1, index)
 
@@ -107,22 +115,35 @@ class SogCLRLoss(_UnimodalGlobalLoss):
       Batch Does Not Harm Performance", ICML 2022, https://arxiv.org/abs/2202.12387
     - [1] Wei et al., FastCLIP (cosine gamma decay), 2024, https://arxiv.org/abs/2407.01445
 
-    Attributes:
-        num_samples: Number of samples in the dataset (size of the per-sample state). Required.
-        temperature: The global temperature tau. Default 0.1.
+    Args:
+        num_samples: Number of samples in the training set (rows of the per-sample state), an
+            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+        temperature: The global temperature tau, > 0. Default 0.1.
         gamma: Weight of the batch estimate in the moving average, in (0, 1]. Default 0.9. With
             ``gamma_decay_epochs`` it is the final value of a cosine decay from 1.0.
-        gamma_decay_epochs: If set, gamma decays from 1.0 at epoch 0 to ``gamma`` at this epoch
-            (call ``set_epoch`` every epoch). Default None (constant gamma).
-        gather_distributed: If True, negatives are gathered from all processes. The state is
-            synchronised across processes in any case.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None
+            (constant gamma).
+        gather_distributed: If True, the negatives are gathered from all processes, as in
+            ``NTXentLoss``. The state is synchronised across processes in any case. Default False.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally, a setting lies outside its range (the message names the argument and
+            the range), or ``state_layout`` is unknown; raised before anything is built.
 
     Examples:
-        >>> dataset = IndexedDataset(torchvision.datasets.CIFAR10("data", transform=SimCLRTransform()))
-        >>> loss_fn = SogCLRLoss(len(dataset), temperature=0.1)
-        >>> for batch in dataloader:
-        >>>     (x0, x1), index = batch[0], batch[-1]
-        >>>     loss = loss_fn(model(x0), model(x1), index)
+        >>> loss_fn = SogCLRLoss(100, temperature=0.1)
+        >>> import torch
+        >>> z0 = torch.randn(8, 16, requires_grad=True)
+        >>> z1 = torch.randn(8, 16, requires_grad=True)
+        >>> loss = loss_fn(z0, z1, torch.arange(8))  # index: each sample's row in the dataset
+        >>> loss.backward()
+        >>> loss_fn.state.table("log_u").isfinite().sum().item()  # the 8 rows visited
+        8
     """
 
     def __init__(
@@ -185,25 +206,40 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
     - [0] Qiu et al., "Not All Semantics are Created Equal: Contrastive Self-supervised Learning
       with Automatic Temperature Individualization", ICML 2023, https://arxiv.org/abs/2305.11965
 
-    Attributes:
-        num_samples: Number of samples in the dataset (size of the per-sample state). Required.
-        rho: KL radius; larger rho gives smaller temperatures. Default 0.3.
-        tau_init: Initial temperature of every sample. Default 0.1.
-        tau_min, tau_max: Bounds of the temperatures. Defaults 0.05 and 1.0.
-        eta: Step size of the temperature update. Default 0.03.
+    Args:
+        num_samples: Number of samples in the training set (rows of the per-sample state), an
+            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+        rho: KL radius, >= 0; larger rho gives smaller temperatures. Default 0.3.
+        tau_init: Initial temperature of every sample, in ``[tau_min, tau_max]``. Default 0.1.
+        tau_min: Lower bound of the temperatures, > 0. Default 0.05.
+        tau_max: Upper bound of the temperatures, >= ``tau_min``. Default 1.0.
+        eta: Step size of the temperature update, >= 0. Default 0.03.
         beta: Weight of the new gradient in the temperature momentum, in (0, 1]. Default 0.5.
         gamma: Weight of the batch estimate in the moving average, in (0, 1]. Default 0.8.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma`` (see SogCLRLoss).
-        tau_grad_clip: Bound c of the temperature gradient. Default 3.0 (unimodal recipe).
-        gather_distributed: If True, negatives are gathered from all processes. The state is
-            synchronised across processes in any case.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None
+            (constant gamma).
+        tau_grad_clip: Bound c of the temperature gradient, > 0. Default 3.0 (unimodal recipe).
+        gather_distributed: If True, the negatives are gathered from all processes, as in
+            ``NTXentLoss``. The state is synchronised across processes in any case. Default False.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally, a setting lies outside its range (the message names the argument and
+            the range), or ``state_layout`` is unknown; raised before anything is built.
 
     Examples:
-        >>> loss_fn = ISogCLRLoss(len(dataset), rho=0.4)
-        >>> for batch in dataloader:
-        >>>     (x0, x1), index = batch[0], batch[-1]
-        >>>     loss = loss_fn(model(x0), model(x1), index)
-        >>> loss_fn.tau  # (num_samples,) learned temperatures
+        >>> loss_fn = ISogCLRLoss(100, rho=0.4)
+        >>> import torch
+        >>> z0 = torch.randn(8, 16, requires_grad=True)
+        >>> z1 = torch.randn(8, 16, requires_grad=True)
+        >>> loss = loss_fn(z0, z1, torch.arange(8))  # index: each sample's row in the dataset
+        >>> loss.backward()
+        >>> loss_fn.tau.shape  # the learned temperature of every sample
+        torch.Size([100])
     """
 
     def __init__(
@@ -265,28 +301,41 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
       with Limited Resources", 2024, https://arxiv.org/abs/2407.01445
     - [1] Qiu et al., iSogCLR (the robust objective), ICML 2023, https://arxiv.org/abs/2305.11965
 
-    Attributes:
-        num_samples: Number of samples in the dataset (size of the per-sample state). Required.
-        rho: KL radius; larger rho gives a smaller temperature. Default 0.4.
-        tau_init: Initial temperature. Default 0.1.
-        tau_min, tau_max: Bounds of the temperature. Defaults 0.05 and 1.0.
-        lr_tau: Learning rate of the temperature's group. Default 2e-4.
-        lr_tau_drop_below: If set, ``lr_tau`` is multiplied by ``lr_tau_drop_factor`` while the
-            temperature is at or below it (FastCLIP: 0.03). Default None.
-        lr_tau_drop_factor: Default 1/3.
+    Args:
+        num_samples: Number of samples in the training set (rows of the per-sample state), an
+            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+        rho: KL radius, >= 0; larger rho gives a smaller temperature. Default 0.4.
+        tau_init: Initial temperature, in ``[tau_min, tau_max]``. Default 0.1.
+        tau_min: Lower bound of the temperature, > 0. Default 0.05.
+        tau_max: Upper bound of the temperature, >= ``tau_min``. Default 1.0.
+        lr_tau: Learning rate of the temperature's group, >= 0. Default 2e-4.
+        lr_tau_drop_below: If set (> 0), ``lr_tau`` is multiplied by ``lr_tau_drop_factor``
+            while the temperature is at or below it (FastCLIP: 0.03). Default None (no drop).
+        lr_tau_drop_factor: That factor, in (0, 1]. Default 1/3.
         gamma: Weight of the batch estimate in the moving average, in (0, 1]. Default 0.9.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
-        gather_distributed: If True, negatives are gathered from all processes.
-        state_layout: Layout of the per-sample state. Default "replicated".
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None
+            (constant gamma).
+        gather_distributed: If True, the negatives are gathered from all processes, as in
+            ``NTXentLoss``. The state is synchronised across processes in any case. Default False.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally, a setting lies outside its range (the message names the argument and
+            the range), or ``state_layout`` is unknown; raised before anything is built.
 
     Examples:
-        >>> loss_fn = RGCLGLoss(len(dataset), rho=0.4)
+        >>> model = torch.nn.Linear(16, 16)
+        >>> loss_fn = RGCLGLoss(100, rho=0.4)
         >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3)  # or param_groups()
-        >>> for batch in dataloader:
-        >>>     (x0, x1), index = batch[0], batch[-1]
-        >>>     loss = loss_fn(model(x0), model(x1), index)
-        >>>     loss.backward(); optimizer.step(); optimizer.zero_grad()
-        >>> loss_fn.temperature  # the learned global temperature
+        >>> x0, x1 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> loss = loss_fn(model(x0), model(x1), torch.arange(8))
+        >>> loss.backward(); optimizer.step(); optimizer.zero_grad()
+        >>> round(loss_fn.temperature, 3)  # the learned global temperature, one small step away
+        0.1
     """
 
     def __init__(
@@ -348,26 +397,42 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
     - [0] Qiu et al., "To Cool or not to Cool? Temperature Network Meets Large Foundation Models
       via DRO", ICML 2024, https://arxiv.org/abs/2404.04575
 
-    Attributes:
-        num_samples: Number of samples in the dataset. Required.
-        dim: Dimension of the embeddings (the network's input). Required.
-        rho: KL radius. Default 0.4.
-        tau_min, tau_max: Range of the predicted temperatures. Defaults 0.05 and 0.5.
-        lr_tau: Adam learning rate of the network. Default 3e-5.
-        lr_tau_decay: Factor per epoch of that learning rate. Default 0.9.
-        num_prototypes: Prototypes of the network. Default 256.
-        dropout: Dropout rate of the network in training mode. Default 0.5.
+    Args:
+        num_samples: Number of samples in the training set (rows of the per-sample state), an
+            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+        dim: Dimension of the embeddings (the network's input), an integer >= 1. Required: the
+            default None raises ValueError.
+        rho: KL radius, >= 0. Default 0.4.
+        tau_min: Lowest predicted temperature, > 0. Default 0.05.
+        tau_max: Highest predicted temperature, >= ``tau_min``. Default 0.5.
+        lr_tau: Adam learning rate of the network, >= 0. Default 3e-5.
+        lr_tau_decay: Factor per epoch of that learning rate, in (0, 1]. Default 0.9.
+        num_prototypes: Prototypes of the network, an integer >= 1. Default 256.
+        dropout: Dropout rate of the network in training mode, in [0, 1). Default 0.5.
         seed: Seed of the network's initialisation (the same on every rank). Default 0.
-        gamma: Moving-average weight. Default 0.8.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
-        gather_distributed: If True, negatives are gathered from all processes.
-        state_layout: Layout of the per-sample state. Default "replicated".
+        gamma: Moving-average weight, in (0, 1]. Default 0.8.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None
+            (constant gamma).
+        gather_distributed: If True, the negatives are gathered from all processes, as in
+            ``NTXentLoss``. The state is synchronised across processes in any case. Default False.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally, a setting lies outside its range (the message names the argument and
+            the range), or ``state_layout`` is unknown; raised before anything is built.
 
     Examples:
-        >>> loss_fn = TempNetLoss(len(dataset), dim=128)
+        >>> model = torch.nn.Linear(16, 16)
+        >>> loss_fn = TempNetLoss(100, dim=16)
         >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3)
-        >>> loss = loss_fn(model(x0), model(x1), index)
-        >>> loss_fn.temperature_of(model(x_new))  # temperatures of unseen samples
+        >>> loss = loss_fn(model(torch.randn(8, 16)), model(torch.randn(8, 16)), torch.arange(8))
+        >>> loss.backward(); optimizer.step()
+        >>> loss_fn.temperature_of(model(torch.randn(3, 16))).shape  # also for unseen samples
+        torch.Size([3])
     """
 
     def __init__(
@@ -434,14 +499,22 @@ class DySTreSSLoss(_UnimodalMixin, DySTreSSBase):
     - [0] Manna et al., "Dynamically Scaled Temperature in Self-Supervised Contrastive Learning",
       IEEE TAI 2025, https://arxiv.org/abs/2308.01140
 
-    Attributes:
-        tau_min: Temperature at similarity 0. Default 0.1 (0.07 in the CIFAR recipe).
-        tau_max: Temperature at similarity +-1. Default 0.2.
-        gather_distributed: If True, negatives are gathered from all processes.
+    Args:
+        tau_min: Temperature at similarity 0, > 0. Default 0.1 (0.07 in the CIFAR recipe).
+        tau_max: Temperature at similarity +-1, >= ``tau_min``. Default 0.2. A ratio
+            ``tau_max / tau_min`` above about 4.5 raises a warning (see above).
+        gather_distributed: If True, the negatives are gathered from all processes, as in
+            ``NTXentLoss``. Default False.
+
+    Raises:
+        ValueError: If a temperature is not positive or ``tau_min > tau_max``.
 
     Examples:
+        >>> import torch
         >>> loss_fn = DySTreSSLoss(0.1, tau_max=0.2)
-        >>> loss = loss_fn(model(x0), model(x1))
+        >>> loss = loss_fn(torch.randn(8, 16), torch.randn(8, 16))  # no index needed
+        >>> loss.dim()
+        0
     """
 
     def __init__(
@@ -459,5 +532,8 @@ class DySTreSSLoss(_UnimodalMixin, DySTreSSBase):
 
         Returns:
             Mean cross-entropy over the ``2 * batch_size`` anchors.
+        Raises:
+            ValueError: If a feature tensor is not 2-D floating point, the two shapes differ, or
+                the features hold NaN or Inf (raised on every rank).
         """
         return self.dystress_loss(FEATURE_NAMES, out0, out1, index)

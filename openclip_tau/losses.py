@@ -184,6 +184,14 @@ class _GlobalContrastiveClipLoss(_ClipMixin, GlobalContrastiveLoss):
             The mean of the image-anchor and text-anchor losses: its value is the objective
             estimate, its gradient the surrogate's. Statistics go to ``stats``, not to the
             returned dict (OpenCLIP sums every value of that dict into the total loss).
+
+        Raises:
+            ValueError: If ``index`` is missing, a feature tensor is not 2-D floating point or
+                the two shapes differ, ``index`` does not hold one integer in
+                ``[0, num_samples)`` per pair, or the features hold NaN or Inf. Raised on every
+                rank and before the state changes; on an accelerator at a later call (see
+                ``raise_deferred_error``) unless ``sync_checks`` is True.
+            RuntimeError: With ``state_layout="sharded"`` when no process group exists.
         """
         loss = self.global_contrastive_loss(FEATURE_NAMES, image_features, text_features, index)
         return self._clip_output(loss, logit_scale, logit_bias, output_dict)
@@ -221,20 +229,42 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
     - [0] Yuan et al., SogCLR, ICML 2022, https://arxiv.org/abs/2202.12387
     - [1] Wei et al., FastCLIP, 2024, https://arxiv.org/abs/2407.01445
 
-    Attributes:
-        num_samples: Number of image-text pairs (size of the per-sample state). Required.
-        temperature: Global temperature. Default 0.01 (CC3M recipe).
-        gamma: Moving-average weight in (0, 1]. Default 0.9.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
-        local_loss, gather_with_grad: As in ``open_clip.ClipLoss``; the loss always computes the
-            exact global gradient, and refuses ``local_loss=True, gather_with_grad=False``.
-        rank, world_size: As in ``open_clip.ClipLoss``; features are gathered when
+    Args:
+        num_samples: Number of image-text pairs in the training set (rows of each role's
+            table), an integer >= 1. Required: the default None raises ValueError.
+        temperature: Global temperature, > 0. Default 0.01 (CC3M recipe).
+        gamma: Moving-average weight, in (0, 1]. Default 0.9.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None.
+        local_loss: As in ``open_clip.ClipLoss``. The loss always computes the exact gradient of
+            the global batch; ``local_loss=True`` with ``gather_with_grad=False`` is refused.
+            Default False.
+        gather_with_grad: As in ``open_clip.ClipLoss``. Default False.
+        rank: This process's rank, as in ``open_clip.ClipLoss``, an integer in
+            ``[0, world_size)``. Default 0.
+        world_size: Number of processes, an integer >= 1; features are gathered when
             ``world_size > 1``. The state is synchronised across processes in any case.
+            Default 1.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally or lies outside its range (the message names the argument and the
+            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+            ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
-        >>> loss_fn = SogCLRClipLoss(2_800_000, temperature=0.01)
-        >>> out = model(images, texts)
-        >>> loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], index=index)
+        >>> import torch
+        >>> loss_fn = SogCLRClipLoss(100, temperature=0.01)
+        >>> image = torch.randn(8, 32, requires_grad=True)
+        >>> text = torch.randn(8, 32, requires_grad=True)
+        >>> logit_scale = torch.tensor(1 / 0.07).log()  # the model's; unused by the loss
+        >>> loss = loss_fn(image, text, logit_scale, index=torch.arange(8))
+        >>> loss.backward()
+        >>> loss_fn.state.table("log_u_image").isfinite().sum().item()  # the 8 pairs visited
+        8
     """
 
     def __init__(
@@ -303,21 +333,49 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
 
     - [0] Qiu et al., iSogCLR, ICML 2023, https://arxiv.org/abs/2305.11965
 
-    Attributes:
-        num_samples: Number of image-text pairs. Required.
-        rho: KL radius. Default 6.0 (CC3M recipe).
-        tau_init, tau_min, tau_max: Initial temperature and bounds. Defaults 0.01, 0.005, 1.0.
-        eta: Temperature step size. Default 0.03.
-        beta: Weight of the new gradient in the momentum. Default 0.9.
-        gamma: Moving-average weight. Default 0.8.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
-        tau_grad_clip: Bound of the temperature gradient. Default 5.0 (bimodal recipe).
-        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
+    Args:
+        num_samples: Number of image-text pairs in the training set (rows of each role's
+            table), an integer >= 1. Required: the default None raises ValueError.
+        rho: KL radius, >= 0. Default 6.0 (CC3M recipe; keep it well below log(B - 1) for a
+            global batch B).
+        tau_init: Initial temperature, in ``[tau_min, tau_max]``. Default 0.01.
+        tau_min: Lower bound of the temperatures, > 0. Default 0.005.
+        tau_max: Upper bound of the temperatures, >= ``tau_min``. Default 1.0.
+        eta: Temperature step size, >= 0. Default 0.03.
+        beta: Weight of the new gradient in the momentum, in (0, 1]. Default 0.9.
+        gamma: Moving-average weight, in (0, 1]. Default 0.8.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None.
+        tau_grad_clip: Bound of the temperature gradient, > 0. Default 5.0 (bimodal recipe).
+        local_loss: As in ``open_clip.ClipLoss``. The loss always computes the exact gradient of
+            the global batch; ``local_loss=True`` with ``gather_with_grad=False`` is refused.
+            Default False.
+        gather_with_grad: As in ``open_clip.ClipLoss``. Default False.
+        rank: This process's rank, as in ``open_clip.ClipLoss``, an integer in
+            ``[0, world_size)``. Default 0.
+        world_size: Number of processes, an integer >= 1; features are gathered when
+            ``world_size > 1``. The state is synchronised across processes in any case.
+            Default 1.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally or lies outside its range (the message names the argument and the
+            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+            ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
-        >>> loss_fn = ISogCLRClipLoss(2_800_000, rho=6.0)
-        >>> loss = loss_fn(image_features, text_features, logit_scale, index=index)
-        >>> loss_fn.tau_image, loss_fn.tau_text  # (num_samples,) learned temperatures
+        >>> import torch
+        >>> loss_fn = ISogCLRClipLoss(100, rho=1.0)
+        >>> image = torch.randn(8, 32, requires_grad=True)
+        >>> text = torch.randn(8, 32, requires_grad=True)
+        >>> logit_scale = torch.tensor(1 / 0.07).log()  # the model's; unused by the loss
+        >>> loss = loss_fn(image, text, logit_scale, index=torch.arange(8))
+        >>> loss.backward()
+        >>> loss_fn.tau_image.shape, loss_fn.tau_text.shape  # the learned temperatures
+        (torch.Size([100]), torch.Size([100]))
     """
 
     def __init__(
@@ -381,23 +439,49 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
 
     - [0] Wei et al., FastCLIP, 2024, https://arxiv.org/abs/2407.01445
 
-    Attributes:
-        num_samples: Number of image-text pairs. Required.
-        rho: KL radius. Default 6.5.
-        tau_init, tau_min, tau_max: Initial temperature and bounds. Defaults 0.07, 0.01, 1.0.
-        lr_tau: Learning rate of the temperature. Default 2e-4.
-        lr_tau_drop_below, lr_tau_drop_factor: ``lr_tau`` times the factor while tau is at or
-            below the threshold. Defaults 0.03 and 1/3 (None switches the drop off).
-        gamma: Final moving-average weight. Default 0.2.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0. Default 18.
-        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
-        state_layout: Layout of the per-sample state. Default "replicated".
+    Args:
+        num_samples: Number of image-text pairs in the training set (rows of each role's
+            table), an integer >= 1. Required: the default None raises ValueError.
+        rho: KL radius, >= 0. Default 6.5.
+        tau_init: Initial temperature, in ``[tau_min, tau_max]``. Default 0.07.
+        tau_min: Lower bound of the temperature, > 0. Default 0.01.
+        tau_max: Upper bound of the temperature, >= ``tau_min``. Default 1.0.
+        lr_tau: Learning rate of the temperature, >= 0. Default 2e-4.
+        lr_tau_drop_below: ``lr_tau`` is multiplied by ``lr_tau_drop_factor`` while tau is at or
+            below this threshold (> 0). Default 0.03; None switches the drop off.
+        lr_tau_drop_factor: That factor, in (0, 1]. Default 1/3.
+        gamma: Final moving-average weight, in (0, 1]. Default 0.2.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default 18.
+        local_loss: As in ``open_clip.ClipLoss``. The loss always computes the exact gradient of
+            the global batch; ``local_loss=True`` with ``gather_with_grad=False`` is refused.
+            Default False.
+        gather_with_grad: As in ``open_clip.ClipLoss``. Default False.
+        rank: This process's rank, as in ``open_clip.ClipLoss``, an integer in
+            ``[0, world_size)``. Default 0.
+        world_size: Number of processes, an integer >= 1; features are gathered when
+            ``world_size > 1``. The state is synchronised across processes in any case.
+            Default 1.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally or lies outside its range (the message names the argument and the
+            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+            ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
-        >>> loss_fn = RGCLGClipLoss(2_723_840)
+        >>> import torch
+        >>> model = torch.nn.Linear(32, 32)
+        >>> loss_fn = RGCLGClipLoss(100)
         >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3, weight_decay=0.1)
-        >>> loss = loss_fn(image_features, text_features, logit_scale, index=index)
-        >>> loss_fn.temperature  # the learned global temperature
+        >>> image, text = model(torch.randn(8, 32)), model(torch.randn(8, 32))
+        >>> loss = loss_fn(image, text, None, index=torch.arange(8))
+        >>> loss.backward(); optimizer.step()
+        >>> round(loss_fn.temperature, 2)  # the learned global temperature
+        0.07
     """
 
     def __init__(
@@ -468,26 +552,52 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
     - [0] Qiu et al., "To Cool or not to Cool? Temperature Network Meets Large Foundation Models
       via DRO", ICML 2024, https://arxiv.org/abs/2404.04575
 
-    Attributes:
-        num_samples: Number of image-text pairs. Required.
-        dim: Embedding dimension (the model's ``embed_dim``). Required.
-        rho: KL radius. Default 7.0.
-        tau_min, tau_max: Range of the predicted temperatures. Defaults 0.005 and 0.05.
-        lr_tau: Adam learning rate of the networks. Default 3e-5.
-        lr_tau_decay: Factor per epoch of that learning rate. Default 0.9.
-        num_prototypes: Prototypes per network. Default 256.
-        dropout: Dropout rate of the networks in training mode. Default 0.5.
+    Args:
+        num_samples: Number of image-text pairs in the training set (rows of each role's
+            table), an integer >= 1. Required: the default None raises ValueError.
+        dim: Embedding dimension (the model config's ``embed_dim``), an integer >= 1. Required:
+            the default None raises ValueError.
+        rho: KL radius, >= 0. Default 7.0.
+        tau_min: Lowest predicted temperature, > 0. Default 0.005.
+        tau_max: Highest predicted temperature, >= ``tau_min``. Default 0.05.
+        lr_tau: Adam learning rate of the networks, >= 0. Default 3e-5.
+        lr_tau_decay: Factor per epoch of that learning rate, in (0, 1]. Default 0.9.
+        num_prototypes: Prototypes per network, an integer >= 1. Default 256.
+        dropout: Dropout rate of the networks in training mode, in [0, 1). Default 0.5.
         seed: Seed of the image network's initialisation (text: seed + 1). Default 0.
-        gamma: Moving-average weight. Default 0.8.
-        gamma_decay_epochs: Cosine decay of gamma from 1.0 to ``gamma``. Default None.
-        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
-        state_layout: Layout of the per-sample state. Default "replicated".
+        gamma: Moving-average weight, in (0, 1]. Default 0.8.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch by a cosine (call ``set_epoch`` every epoch). Default None.
+        local_loss: As in ``open_clip.ClipLoss``. The loss always computes the exact gradient of
+            the global batch; ``local_loss=True`` with ``gather_with_grad=False`` is refused.
+            Default False.
+        gather_with_grad: As in ``open_clip.ClipLoss``. Default False.
+        rank: This process's rank, as in ``open_clip.ClipLoss``, an integer in
+            ``[0, world_size)``. Default 0.
+        world_size: Number of processes, an integer >= 1; features are gathered when
+            ``world_size > 1``. The state is synchronised across processes in any case.
+            Default 1.
+        state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
+            row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
+            group before the first forward). Default ``"replicated"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
+            positionally or lies outside its range (the message names the argument and the
+            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+            ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
-        >>> loss_fn = TempNetClipLoss(2_723_840, dim=1024)
-        >>> optimizer = loss_fn.optimizer(model.parameters(), lr=2e-4, weight_decay=0.02)
-        >>> loss = loss_fn(image_features, text_features, logit_scale, index=index)
-        >>> loss_fn.temperature_of(new_image_features, role="image")
+        >>> import torch
+        >>> loss_fn = TempNetClipLoss(100, dim=32)
+        >>> optimizer = loss_fn.optimizer([], lr=2e-4)  # the model's parameters go first
+        >>> image = torch.randn(8, 32, requires_grad=True)
+        >>> text = torch.randn(8, 32, requires_grad=True)
+        >>> logit_scale = torch.tensor(1 / 0.07).log()  # the model's; unused by the loss
+        >>> loss = loss_fn(image, text, logit_scale, index=torch.arange(8))
+        >>> loss.backward()
+        >>> loss_fn.temperature_of(torch.randn(3, 32), role="text").shape  # any new caption
+        torch.Size([3])
     """
 
     def __init__(
@@ -548,14 +658,30 @@ class DySTreSSClipLoss(_ClipMixin, DySTreSSBase):
 
     - [0] Manna et al., DySTreSS, IEEE TAI 2025, https://arxiv.org/abs/2308.01140
 
-    Attributes:
-        tau_min: Temperature at similarity 0. Default 0.01.
-        tau_max: Temperature at similarity +-1. Default 0.04.
-        local_loss, gather_with_grad, rank, world_size: As in :class:`SogCLRClipLoss`.
+    Args:
+        tau_min: Temperature at similarity 0, > 0. Default 0.01.
+        tau_max: Temperature at similarity +-1, >= ``tau_min``. Default 0.04.
+        local_loss: As in ``open_clip.ClipLoss``. The loss always computes the exact gradient of
+            the global batch; ``local_loss=True`` with ``gather_with_grad=False`` is refused.
+            Default False.
+        gather_with_grad: As in ``open_clip.ClipLoss``. Default False.
+        rank: This process's rank, as in ``open_clip.ClipLoss``, an integer in
+            ``[0, world_size)``. Default 0.
+        world_size: Number of processes, an integer >= 1; features are gathered when
+            ``world_size > 1``. The state is synchronised across processes in any case.
+            Default 1.
+
+    Raises:
+        ValueError: If a temperature is not positive, ``tau_min > tau_max``, ``rank`` /
+            ``world_size`` do not fit, or ``local_loss=True`` comes with
+            ``gather_with_grad=False``.
 
     Examples:
+        >>> import torch
         >>> loss_fn = DySTreSSClipLoss(0.01, tau_max=0.04)
-        >>> loss = loss_fn(image_features, text_features, logit_scale)
+        >>> loss = loss_fn(torch.randn(8, 32), torch.randn(8, 32), None)  # no index needed
+        >>> loss.dim()
+        0
     """
 
     def __init__(
@@ -581,6 +707,22 @@ class DySTreSSClipLoss(_ClipMixin, DySTreSSBase):
         logit_bias: Optional[Tensor] = None,
         output_dict: bool = False,
     ) -> Union[Tensor, dict[str, Tensor]]:
-        """Mean of the image-to-text and text-to-image cross-entropies (``index`` is unused)."""
+        """Mean of the image-to-text and text-to-image cross-entropies (``index`` is unused).
+
+        Args:
+            image_features: (batch_size, dim) image embeddings.
+            text_features: (batch_size, dim) text embeddings.
+            logit_scale: The model's learned scale; unused, kept in the graph with weight 0.
+            index: Accepted for interchangeability with the stateful losses; ignored.
+            logit_bias: Unused, as ``logit_scale``.
+            output_dict: Return ``{"contrastive_loss": loss}`` as OpenCLIP's losses do.
+
+        Returns:
+            The loss (a scalar), or ``{"contrastive_loss": loss}`` with ``output_dict``.
+
+        Raises:
+            ValueError: If a feature tensor is not 2-D floating point, the two shapes differ, or
+                the features hold NaN or Inf (raised on every rank).
+        """
         loss = self.dystress_loss(FEATURE_NAMES, image_features, text_features, index)
         return self._clip_output(loss, logit_scale, logit_bias, output_dict)

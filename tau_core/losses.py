@@ -153,6 +153,12 @@ class ContrastiveLoss(nn.Module):
 
     Subclasses call :meth:`check_batch` first in their forward, and :meth:`set_stats` with the
     step's statistics (tensors, or temperature tensors summarised when ``stats`` is read).
+
+    Args:
+        gather_distributed: If True, the negatives are gathered from all processes. Default False.
+
+    Raises:
+        ValueError: If ``gather_distributed`` is not a bool.
     """
 
     #: Whether the loss keeps per-sample state and therefore needs ``index``.
@@ -366,14 +372,22 @@ class GlobalContrastiveLoss(ContrastiveLoss):
     :class:`LearnedTemperature`) decides the temperature and the tables kept per sample.
 
     Args:
-        num_samples: Number of samples in the dataset (size of the per-sample tables).
-        rule: The temperature rule.
+        num_samples: Number of samples in the dataset (size of the per-sample tables), an
+            integer >= 1. Required (None raises ValueError with a hint).
+        rule: The temperature rule (:class:`FixedTemperature`, :class:`LearnedTemperature`,
+            :class:`GlobalLearnedTemperature` or :class:`NetworkTemperature`).
         gamma: Weight of the batch estimate in the moving average, in (0, 1].
-        gamma_decay_epochs: If set, gamma decays from 1.0 at epoch 0 to ``gamma`` at this epoch.
+        gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
+            ``gamma`` at this epoch; None keeps it constant.
         gather_distributed: If True, negatives are gathered from all processes.
-        suffixes: Table suffix of each anchor role.
+        suffixes: Table suffix of each anchor role. Default ``("",)`` (one role).
         state_layout: How the per-sample tables are stored across ranks (see
-            :func:`tau_core.make_state`). Default "replicated" (every rank holds every row).
+            :func:`tau_core.make_state`): ``"replicated"`` (the default; every rank holds every
+            row) or ``"sharded"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is None, a float or not positive, ``gamma`` or
+            ``gamma_decay_epochs`` lie outside their ranges, or ``state_layout`` is unknown.
     """
 
     needs_index = True
@@ -552,7 +566,20 @@ class GlobalContrastiveLoss(ContrastiveLoss):
 
 
 class DySTreSSBase(ContrastiveLoss):
-    """Cross-entropy of ``sim / tau(sim)`` over an adapter's blocks (stateless)."""
+    """Cross-entropy of ``sim / tau(sim)`` over an adapter's blocks (stateless).
+
+    ``tau(s) = tau_min + (tau_max - tau_min) * sin(pi * s / 2) ** 2`` (see
+    :func:`tau_core.dystress_temperature`); a ratio ``tau_max / tau_min`` above
+    ``DYSTRESS_MONOTONE_RATIO`` warns.
+
+    Args:
+        tau_min: Temperature at similarity 0, > 0.
+        tau_max: Temperature at similarity +-1, >= ``tau_min``.
+        gather_distributed: If True, negatives are gathered from all processes.
+
+    Raises:
+        ValueError: If a temperature is not positive or ``tau_min > tau_max``.
+    """
 
     def __init__(self, tau_min: float, tau_max: float, gather_distributed: bool) -> None:
         super().__init__(gather_distributed)

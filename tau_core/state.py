@@ -85,8 +85,12 @@ class PerSampleState(nn.Module):
     :func:`make_state` chooses between them.
 
     Args:
-        num_samples: Number of samples in the dataset; valid indices are [0, num_samples).
-        initial_values: Name and initial value of each table.
+        num_samples: Number of samples in the dataset, an integer >= 1; valid indices are
+            [0, num_samples).
+        initial_values: Name and initial value of each table (at least one).
+
+    Raises:
+        ValueError: If ``num_samples`` is not a positive integer or ``initial_values`` is empty.
 
     Examples:
         >>> state = PerSampleState(1000, {"log_u": float("-inf"), "tau": 0.1})
@@ -408,7 +412,13 @@ class ShardedPerSampleState(PerSampleState):
         initial_values: Name and initial value of each table.
         exchange: ``"auto"`` (padded_all_to_all for accelerator tensors and all_to_all for CPU
             tensors where the backend has all_to_all, else all_gather), ``"padded_all_to_all"``,
-            ``"all_to_all"`` or ``"all_gather"``.
+            ``"all_to_all"`` or ``"all_gather"``. Default ``"auto"``.
+
+    Raises:
+        ValueError: If ``num_samples`` is not a positive integer, ``initial_values`` is empty,
+            or ``exchange`` is unknown.
+        RuntimeError: When the tables are first used and no process group exists (building
+            the state before the group, e.g. in a LightningModule's ``__init__``, works).
 
     Examples:
         >>> # in every rank of a process group (torchrun):

@@ -23,7 +23,14 @@ from tau_core.functional import temperature_step
 
 
 class FixedTemperature:
-    """SogCLR's temperature: one global value; per sample only ``log(u)`` is kept."""
+    """SogCLR's temperature: one global value; per sample only ``log(u)`` is kept.
+
+    Args:
+        temperature: The global temperature, > 0.
+
+    Raises:
+        ValueError: If ``temperature`` is not a positive number.
+    """
 
     learns = False
     trains_temperature = False
@@ -52,7 +59,19 @@ class LearnedTemperature:
     """iSogCLR's temperature: one per sample, learned by a momentum step (validated settings).
 
     Same interface as :class:`FixedTemperature`; per sample it keeps ``log(u)``, ``tau`` and the
-    momentum.
+    momentum. The update is :func:`tau_core.temperature_step`.
+
+    Args:
+        rho: KL radius, >= 0.
+        tau_init: Initial temperature, in ``[tau_min, tau_max]``.
+        tau_min: Lower bound of the temperatures, > 0.
+        tau_max: Upper bound of the temperatures, >= ``tau_min``.
+        eta: Step size, >= 0.
+        beta: Weight of the new gradient in the momentum, in (0, 1].
+        tau_grad_clip: Bound of the temperature gradient, > 0.
+
+    Raises:
+        ValueError: If a setting lies outside its range (the message names it and the range).
     """
 
     learns = True

@@ -111,6 +111,13 @@ class GlobalLearnedTemperature:
     temperature with autograd history, so the loss's temperature term has gradient
     ``dF/dtau = mean over rows of grad_tau_i`` (``grad_tau_i = log(u_i) + rho - mean_z w_iz *
     h_iz / tau``, averaged over the anchor roles): the gradient of FastCLIP-v3's objective.
+
+    Args:
+        rho: KL radius, >= 0.
+        module: The temperature parameter (:class:`GlobalTemperature`).
+
+    Raises:
+        ValueError: If ``rho`` is negative or not a number.
     """
 
     learns = False
@@ -213,6 +220,15 @@ class TemperatureNetwork(nn.Module):
 
         The gradient of every parameter is averaged over the ranks of the default process group
         in backward (see :func:`average_gradient_over_ranks`).
+
+        Args:
+            z: L2-normalised embeddings, shape (n, dim).
+
+        Returns:
+            Temperatures in ``[tau_min, tau_max]``, shape (n,).
+
+        Raises:
+            ValueError: If ``z`` does not have shape (n, dim).
         """
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"embeddings must have shape (n, {self.dim}), got {tuple(z.shape)}.")
@@ -237,6 +253,14 @@ class NetworkTemperature:
     is trained by the surrogate only, the network by the temperature term only. Unimodal (two
     views per sample): both views share the mean of their two predictions, as iSogCLR's views
     share ``tau_i`` and ``u_i``.
+
+    Args:
+        rho: KL radius, >= 0.
+        networks: The network of each anchor role, keyed by table suffix (``""`` for one role,
+            ``"_image"`` and ``"_text"`` for image-text).
+
+    Raises:
+        ValueError: If ``rho`` is negative or not a number.
     """
 
     learns = False

@@ -86,3 +86,19 @@ def test_no_file_refers_to_notes_outside_the_repository() -> None:
             if f"{note}.md" in text or f"/shared/{note}" in text:
                 offenders.append(f"{name}: {note}.md")
     assert not offenders, offenders
+
+
+# Modules whose docstring examples are complete programs (the others show fragments of a loop).
+DOCTEST_MODULES = ("lightly_tau.losses", "lightly_tau.data", "openclip_tau.losses")
+
+
+@pytest.mark.parametrize("module_name", DOCTEST_MODULES)
+def test_docstring_examples_run(module_name: str) -> None:
+    import doctest
+    import importlib
+
+    import torch
+
+    torch.manual_seed(0)
+    result = doctest.testmod(importlib.import_module(module_name))
+    assert result.attempted > 0 and result.failed == 0, result

@@ -7,6 +7,7 @@ run must have produced: the epochs' output, the saved per-sample state, Lightnin
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def test_openclip_python_example(tmp_path: Path) -> None:
     args = ["--model", "tau-tiny-example", "--model-config", str(config)]
     result = python_example("openclip/clip_loss.py", *args, cwd=tmp_path)
     loss, tau_p50, shape = result.stdout.strip().splitlines()[-1].split(" ", 2)
-    assert float(loss) == float(loss) and 0.005 <= float(tau_p50) <= 1.0
+    assert math.isfinite(float(loss))
+    # batch 8 with the CC3M rho (6 > log 7): the temperatures go to tau_min (0.005, in float32)
+    assert float(tau_p50) == pytest.approx(0.005)
     assert shape == "torch.Size([2800000])"
 
 
