@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import re
 import runpy
 import sys
@@ -36,8 +37,16 @@ def _run(program: str) -> None:
 def help_text(program: str) -> str:
     """What ``program --help`` prints on stdout."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-        _run(program)
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the same width every build
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+            _run(program)
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     text = buffer.getvalue().strip()
     if not text:
         raise RuntimeError(f"{program} --help printed nothing")
