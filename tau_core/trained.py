@@ -364,16 +364,6 @@ class TrainedTemperatureMixin:
         temperature is clamped to its bounds. Returns the hooks' handles (``.remove()``).
         The group is found again at every step (by its parameters), so the schedule survives
         ``optimizer.load_state_dict``, which replaces the group dictionaries (a resumed run).
-
-        Args:
-            optimizer: An optimizer holding :meth:`param_groups` as groups of their own.
-
-        Returns:
-            The handles of the two step hooks.
-
-        Raises:
-            ValueError: If ``optimizer`` does not hold the temperature's parameters, or holds
-                them in a group together with other parameters.
         """
         self._own_groups(optimizer)  # the checks, now
 
@@ -402,19 +392,6 @@ class TrainedTemperatureMixin:
         The loss's own parameters are removed from ``params`` (a LightningModule's
         ``self.parameters()`` holds them when the loss is its attribute), so they are stepped
         only in their own group.
-
-        Args:
-            params: The model's parameters or parameter groups.
-            lr: Learning rate of the model's groups, >= 0 (the temperature's group keeps its
-                own, ``lr_tau``).
-            weight_decay: Weight decay of the model's groups, >= 0. Default 0.
-            **adamw_kwargs: Other ``torch.optim.AdamW`` arguments (``betas``, ``eps``, ...).
-
-        Returns:
-            The AdamW, already passed to :meth:`register_optimizer`.
-
-        Raises:
-            ValueError: As ``torch.optim.AdamW`` for an invalid ``lr`` or ``weight_decay``.
 
         Examples:
             >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3, weight_decay=0.1)
