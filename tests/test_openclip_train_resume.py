@@ -54,9 +54,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_args(root: Path, name: str, processes: int) -> list[str]:
     return [
         *("--model", TINY_MODEL, "--train-data", shard_pattern(root / "shards", NUM_SHARDS)),
-        *("--dataset-type", "webdataset", "--train-num-samples", "128"),
+        *("--dataset-type", "webdataset", "--train-num-samples", "64"),  # 2 steps per epoch
         *("--batch-size", str(GLOBAL_BATCH // processes), "--epochs", "2", "--lr", "5e-4"),
-        *("--warmup", "1", "--lr-scheduler", "const", "--workers", "2", "--device", "cpu"),
+        # Persistent data workers: 2 in one process, 1 per rank under torchrun (4 shards).
+        *("--warmup", "1", "--lr-scheduler", "const", "--workers", str(3 - processes)),
+        *("--device", "cpu"),
         *("--precision", "fp32", "--seed", "0", "--save-most-recent", "--logs", str(root / "logs")),
         *("--name", name, *NO_CROP_AUGMENTATION),
     ]
