@@ -14,6 +14,9 @@ names it bound at import replaced for the duration of the run (ECOSYSTEM.md):
 - ``parse_args``: our options (``--loss``, ``--tau-*``, ``--add-model-config``) are removed before
   upstream's parser sees them (it matches prefixes: ``--loss X`` would become
   ``--loss-dist-impl X``) and checked against upstream's (table size, conflicts);
+- ``create_model_and_transforms``: first checks what needs files (:meth:`LossTraining.check_inputs`:
+  the ``--resume`` checkpoint's loss entries, the key index, the csv's rows), so that every
+  refusal comes before the model is built;
 - ``get_data``: for the stateful losses (sogclr, isogclr, rgclg, tempnet) the training set is
   built by upstream's functions with an index per pair (:mod:`openclip_tau.data`); the loop
   still receives ``(images, texts)``;
@@ -838,6 +841,10 @@ class LossTraining:
             self.index_source = f"the row number ({rows} {what})"
             self.index_fingerprint = f"csv sha256:{_file_sha256(args.train_data)}"
         elif kind == "synthetic":
+            if not args.train_num_samples:
+                raise TrainingSetupError(
+                    "--dataset-type synthetic needs --train-num-samples (the table size)."
+                )
             rows = self.data_rows = args.train_num_samples
             what = "synthetic samples"
             self.index_source = f"the row number ({rows} {what})"
