@@ -10,10 +10,16 @@ names in ``open_clip_train.data`` swapped while it is built (:func:`indexed_trai
   ``--dataset-resampled`` the shard sampler is seeded the same way (upstream seeds it from the
   DataLoader's worker seed, which depends on how many epochs this process has run), so a resumed
   run sees the same samples in the same order as one that was not interrupted, with any number
-  of data workers;
+  of data workers. The shard shuffle is seeded by (seed, epoch) (upstream: seed + epoch), and
+  the loader draws its workers' base seed from a generator of its own: a persistent-worker
+  loader draws it once, in the first epoch the process runs, and from the main generator that
+  would shift every later random draw of the main process (dropout) in a resumed run;
 - csv: the dataset also returns the row number; synthetic: the item number. Under torchrun the
-  ``DistributedSampler`` gets ``seed=--seed`` (upstream leaves it at 0), so the order follows
-  ``--seed`` in one process and in several.
+  ``DistributedSampler``'s order is seeded by (--seed, epoch) (upstream: 0 + epoch), so the order
+  follows ``--seed`` in one process and in several.
+
+Every seeded stream is :func:`derive_seed` of a stream name and (seed, epoch, rank, worker, ...)
+hashed together, never seed + epoch, so ``--seed s`` and ``--seed s+1`` share no order.
 
 :class:`IndexedLoader` then maps each batch's keys (or row numbers) to table indices in the main
 process, hands them to a callback, and yields ``(images, texts)`` as upstream expects.
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import math
 import random
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -64,16 +72,23 @@ def tarfile_to_samples_nothrow(
 
 
 # ------------------------------------------------------------------ determinism
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed from integers (seed, epoch, rank, ...), well mixed and platform-stable."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+def derive_seed(stream: str, *parts: int) -> int:
+    """A 63-bit seed of one random stream from integers (seed, epoch, rank, worker, ...).
+
+    SHA-256 of the stream's name and the integers written out in full (any size and sign), so
+    distinct streams and distinct tuples get unrelated seeds (``--seed 1`` at epoch 0 has
+    nothing in common with ``--seed 0`` at epoch 1), the same on every platform.
+    """
+    text = ":".join([stream, *(str(int(p)) for p in parts)])
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seed_everything(seed: int) -> None:
     """Seeds ``torch``, ``random`` and ``numpy`` (what OpenCLIP's augmentations draw from)."""
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
 
 
 class EpochSeededShuffle(wds.PipelineStage):
@@ -97,10 +112,26 @@ class EpochSeededShuffle(wds.PipelineStage):
         self._pass = self._pass + 1 if epoch == self._epoch else 0
         self._epoch = epoch
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        seed = derive_seed(self.seed, epoch, rank, worker, self._pass)
+        parts = (self.seed, epoch, rank, worker, self._pass)
         if get_worker_info() is not None:
-            seed_everything(seed)
-        return _shuffle(src, self.bufsize, self.initial, random.Random(seed))
+            seed_everything(derive_seed("worker", *parts))
+        rng = random.Random(derive_seed("samples", *parts))
+        return _shuffle(src, self.bufsize, self.initial, rng)
+
+
+class EpochSeededShardShuffle(upstream_data.detshuffle2):
+    """``open_clip_train.data.detshuffle2`` (the shard shuffle without resampling) seeded by
+    (seed, epoch): the same order on every rank and worker (it runs before the shards are
+    split between them). Upstream seeds it with seed + epoch."""
+
+    def run(self, src: Iterator[Any]) -> Iterator[Any]:
+        if hasattr(self.epoch, "get_value"):
+            epoch = self.epoch.get_value()
+        else:  # upstream's own count when no shared epoch is given
+            self.epoch += 1
+            epoch = self.epoch
+        rng = random.Random(derive_seed("shards", self.seed, epoch))
+        return _shuffle(src, self.bufsize, self.initial, rng)
 
 
 class EpochSeededResampledShards(upstream_data.ResampledShards2):
@@ -121,9 +152,31 @@ class EpochSeededResampledShards(upstream_data.ResampledShards2):
         # The epoch upstream's __iter__ will use: a SharedEpoch's value, or its integer + 1.
         epoch = self.epoch.get_value() if hasattr(self.epoch, "get_value") else self.epoch + 1
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        self.rng.seed(derive_seed(self.seed, epoch, rank, worker, 0x5A4D))
+        self.rng.seed(derive_seed("resampled-shards", self.seed, epoch, rank, worker))
         self.deterministic = False  # seeded above; upstream's own seeding is skipped
         yield from super().__iter__()
+
+
+class EpochSeededDistributedSampler(torch.utils.data.DistributedSampler):
+    """``torch.utils.data.DistributedSampler`` whose order is seeded by (seed, epoch).
+
+    Upstream's permutation is seeded by ``seed + epoch``, so ``--seed 1`` in epoch 0 would
+    repeat ``--seed 0`` in epoch 1. Padding, truncation and the split between ranks are
+    upstream's.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return super().__iter__()
+        generator = torch.Generator()
+        generator.manual_seed(derive_seed("sampler", self.seed, self.epoch))
+        indices = torch.randperm(len(self.dataset), generator=generator).tolist()
+        if not self.drop_last:
+            padding = self.total_size - len(indices)
+            indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        else:
+            indices = indices[: self.total_size]
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
 
 
 # ------------------------------------------------------------------ indexed datasets
@@ -148,8 +201,9 @@ class _IndexedWebdataset:
     """Stands in for the ``webdataset`` module inside ``open_clip_train.data`` while the
     training set is built: keeps each sample's key and shard, and seeds the sample shuffle."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, rank: int = 0) -> None:
         self.seed = seed
+        self.rank = rank
         self.shared_epoch: Any = None
 
     def __getattr__(self, name: str) -> Any:
@@ -166,6 +220,14 @@ class _IndexedWebdataset:
                 "(open-clip-torch 3.3): unexpected sample shuffle."
             )
         return EpochSeededShuffle(bufsize, initial, self.seed, self.shared_epoch)
+
+    def WebLoader(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - webdataset's name
+        # The workers' base seed comes from this generator, not from the main process's: a
+        # persistent-worker loader draws it only in the first epoch a process runs, so a draw
+        # from the main generator would shift the model's random draws (dropout) after a resume.
+        # (The workers' generators are seeded again by EpochSeededShuffle at every pass.)
+        generator = torch.Generator().manual_seed(derive_seed("loader", self.seed, self.rank))
+        return wds.WebLoader(*args, generator=generator, **kwargs)
 
     def to_tuple(self, *fields: str, **kwargs: Any) -> Any:
         if fields != ("image", "text") or kwargs:
@@ -198,7 +260,7 @@ def indexed_train_data(
     ``(images, texts, keys, shard_urls)`` for webdataset; wrap the loader in
     :class:`IndexedLoader` before upstream's training loop sees it.
     """
-    fake_wds = _IndexedWebdataset(seed=args.seed)
+    fake_wds = _IndexedWebdataset(seed=args.seed, rank=getattr(args, "rank", 0))
     with patched(
         upstream_data,
         wds=fake_wds,
@@ -207,9 +269,8 @@ def indexed_train_data(
         SyntheticDataset=IndexedSyntheticDataset,
         tarfile_to_samples_nothrow=tarfile_to_samples_nothrow,
         ResampledShards2=functools.partial(EpochSeededResampledShards, seed=args.seed),
-        DistributedSampler=functools.partial(
-            upstream_data.DistributedSampler, seed=args.seed & 0xFFFFFFFF
-        ),
+        detshuffle2=EpochSeededShardShuffle,
+        DistributedSampler=functools.partial(EpochSeededDistributedSampler, seed=args.seed),
     ):
         build = upstream_data.get_dataset_fn(args.train_data, args.dataset_type)
         return build(args, preprocess_train, is_train=True, epoch=epoch, tokenizer=tokenizer)

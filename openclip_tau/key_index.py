@@ -56,13 +56,32 @@ def shard_name(url: str) -> str:
     return os.path.basename(url.split("?")[0].rstrip("/"))
 
 
+class ShardReadError(ValueError):
+    """A shard that is not a complete tar file (truncated, or another format)."""
+
+
 def _member_names(url: str) -> Iterator[str]:
-    """Names of the members of one tar shard, local (seeking past data) or remote (streamed)."""
+    """Names of the members of one tar shard, local (seeking past data) or remote (streamed).
+
+    A local uncompressed shard cut short (a member's data past the end of the file, or no
+    end-of-archive marker after the last member: ``tarfile`` lists such copies without
+    complaint) raises :class:`tarfile.ReadError`.
+    """
     if os.path.exists(url):
+        # Offsets are positions in the file only when it is not compressed.
+        size = None if _compressed(url) else os.path.getsize(url)
         with tarfile.open(url, mode="r:*") as tar:
             for member in tar:
-                if member.isfile():
-                    yield member.name
+                if not member.isfile():
+                    continue
+                end = member.offset_data + member.size
+                if size is not None and end > size:
+                    raise tarfile.ReadError(
+                        f"member {member.name} ends at byte {end} of a {size}-byte file"
+                    )
+                yield member.name
+            if size is not None:
+                _check_end_of_archive(url, tar.offset, size)
     else:
         with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -70,8 +89,48 @@ def _member_names(url: str) -> Iterator[str]:
                     yield member.name
 
 
+def _check_end_of_archive(url: str, offset: int, size: int) -> None:
+    """Raises unless the members end in tar's end-of-archive marker (zero blocks to the end).
+
+    ``tarfile`` stops listing, without an error, at a header cut short after the first member.
+    """
+    with open(url, "rb") as f:
+        f.seek(offset)
+        rest = f.read()
+    if len(rest) < tarfile.BLOCKSIZE or rest.count(0) != len(rest):
+        raise tarfile.ReadError(
+            f"no end-of-archive marker after the member ending at byte {offset} of a "
+            f"{size}-byte file"
+        )
+
+
+def _compressed(url: str) -> bool:
+    with open(url, "rb") as f:
+        magic = f.read(6)
+    return magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00"
+
+
 def shard_keys(url: str) -> list[str]:
-    """Sample keys of one shard in order, split from member names as webdataset does."""
+    """Sample keys of one shard in order, split from member names as webdataset does.
+
+    Raises:
+        ShardReadError: The shard is truncated or not a tar file (the message names it).
+    """
+    try:
+        return _shard_keys(url)
+    except (tarfile.TarError, EOFError) as err:
+        lines = [line.strip("- ") for line in str(err).splitlines() if line.strip()]
+        # tarfile's "r:*" lists one reason per compression it tried: the tar one is the one.
+        reason = next(
+            (x[len("method tar: ") :] for x in lines if x.startswith("method tar: ")), None
+        )
+        reason = reason or "; ".join(lines)
+        raise ShardReadError(
+            f"Shard {url} is not a complete tar file (truncated, or not a tar): {reason}."
+        ) from None
+
+
+def _shard_keys(url: str) -> list[str]:
     keys: dict[str, None] = {}  # insertion-ordered set
     for name in _member_names(url):
         key, _ = base_plus_ext(name)

@@ -14,6 +14,9 @@ names it bound at import replaced for the duration of the run (docs/design.md):
 - ``parse_args``: our options (``--loss``, ``--tau-*``, ``--add-model-config``) are removed before
   upstream's parser sees them (it matches prefixes: ``--loss X`` would become
   ``--loss-dist-impl X``) and checked against upstream's (table size, conflicts);
+- ``create_model_and_transforms``: first checks what needs files (:meth:`LossTraining.check_inputs`:
+  the ``--resume`` checkpoint's loss entries, the key index, the csv's rows), so that every
+  refusal comes before the model is built;
 - ``get_data``: for the stateful losses (sogclr, isogclr, rgclg, tempnet) the training set is
   built by upstream's functions with an index per pair (:mod:`openclip_tau.data`); the loop
   still receives ``(images, texts)``;
@@ -79,6 +82,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import io
 import logging
 import math
 import os
@@ -96,7 +100,7 @@ from open_clip_train import data as upstream_data
 from open_clip_train import file_utils as upstream_file_utils
 from open_clip_train import params as upstream_params
 from open_clip_train import zero_shot as upstream_zero_shot
-from open_clip_train.distributed import is_master, is_using_distributed
+from open_clip_train.distributed import is_master, is_using_distributed, world_info_from_env
 from torch import Tensor, nn
 
 from openclip_tau.data import (
@@ -109,7 +113,7 @@ from openclip_tau.data import (
     seed_everything,
     tarfile_to_samples_nothrow,
 )
-from openclip_tau.key_index import expand_shards, load_key_index, shard_name
+from openclip_tau.key_index import KeyIndex, expand_shards, load_key_index, shard_name
 from openclip_tau.losses import (
     DySTreSSClipLoss,
     ISogCLRClipLoss,
@@ -264,6 +268,9 @@ LOSS_OPTIONS = {
 }
 # Keywords whose option value 0 means None (the feature switched off).
 OFF_AT_ZERO = ("lr_tau_drop_below",)
+# Float options where inf means something (no upper bound, no clipping); every other --tau-*
+# number must be finite.
+INFINITY_ALLOWED = ("tau_max", "tau_grad_clip")
 CHECKPOINT_KEYS = ("loss_state_dict", "loss_name", "loss_options")
 # Flags of ours that are switches (False = not given).
 SWITCHES = ("tau_fresh_state",)
@@ -281,9 +288,28 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def prints_errors() -> bool:
+    """Whether this process prints setup errors: rank 0 of the launcher (torchrun, SLURM, MPI),
+    or a process started alone. The other ranks find the same error and exit quietly with the
+    same code, so a bad command line gives one line, not one per rank."""
+    return world_info_from_env()[1] == 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` parser whose usage and error lines are printed by rank 0 only."""
+
+    def error(self, message: str) -> None:
+        if not prints_errors():
+            self.exit(2)
+        super().error(message)
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:
+        super().exit(status, message if prints_errors() else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Parser of our options only; everything else goes to ``open_clip_train``'s parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m openclip_tau.train",
         description="open_clip_train with temperature-aware losses. Options below are ours; "
         "every other option is open_clip_train.main's (listed after these).",
@@ -370,6 +396,9 @@ def _class_defaults(cls: type) -> dict[str, Any]:
 def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Splits ``argv`` into our options (checked) and the arguments for ``open_clip_train``."""
     parser = build_parser()
+    repeated = _repeated_option(parser, argv)
+    if repeated:
+        _fail(parser, repeated)
     options, rest = parser.parse_known_args(list(argv))
     for dest in (*LOSS_OPTIONS, "tau_num_samples", "tau_key_index", *SWITCHES):
         value = getattr(options, dest)
@@ -392,6 +421,14 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
         _fail(
             parser, f"--tau-num-samples must be a positive integer, got {options.tau_num_samples}."
         )
+    if options.tau_seed is not None and options.tau_seed < 0:
+        _fail(parser, f"--tau-seed must be a non-negative integer, got {options.tau_seed}.")
+    for dest, (_, kind, _) in LOSS_OPTIONS.items():
+        value = getattr(options, dest)
+        if kind is int or value is None or math.isfinite(value):
+            continue
+        if not (dest in INFINITY_ALLOWED and value == math.inf):
+            _fail(parser, f"{_flag(dest)} must be a finite number, got {value}.")
     stray = [a for a in rest if a.startswith("--tau") or a == "--loss"]
     if stray:
         _fail(parser, f"unrecognized option {stray[0]}; options of openclip_tau start with --tau-.")
@@ -408,8 +445,24 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
-    """Exits with code 2 and one line on stderr (no usage block, no traceback)."""
+    """Exits with code 2 and one line on stderr (no usage block, no traceback; rank 0 only)."""
     parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _repeated_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Optional[str]:
+    """The error for ``--loss`` given more than once (argparse would keep the last).
+
+    A repeated ``--tau-*`` option keeps argparse's rule, the last one wins: scripts append
+    overrides to a recipe's defaults (``recipes/cc3m/train.sh``).
+    """
+    given = []
+    for i, token in enumerate(argv):
+        flag, equals, value = token.partition("=")
+        if flag == "--loss":
+            given.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else ""))
+    if len(given) > 1:
+        return f"--loss is given {len(given)} times ({', '.join(given)}); give it once."
+    return None
 
 
 def with_flag_names(message: str) -> str:
@@ -580,6 +633,10 @@ class LossTraining:
         self.optimizer_state: Optional[dict[str, Any]] = None
         self.shard_folders: dict[int, str] = {}  # sharded layout: epoch -> folder written
         self.said_sharded = False
+        self.key_index: Optional[KeyIndex] = None  # loaded by check_inputs
+        self.data_rows: Optional[int] = None  # csv rows or synthetic samples
+        self.inputs_checked = False
+        self._create_model: Callable[..., Any] = upstream_main.create_model_and_transforms
         # Per-epoch progress, reset by train_one_epoch.
         self.pending: list[Tensor] = []
         self.batches_seen = 0
@@ -604,10 +661,12 @@ class LossTraining:
                 ),
             ),
         )
+        self._create_model = upstream_main.create_model_and_transforms
         with (
             patched(
                 upstream_main,
                 parse_args=self.parse_args,
+                create_model_and_transforms=self.create_model_and_transforms,
                 get_data=self.get_data,
                 create_loss=self.create_loss,
                 train_one_epoch=self.train_one_epoch,
@@ -620,7 +679,13 @@ class LossTraining:
             yield
 
     def parse_args(self, argv: Sequence[str]) -> argparse.Namespace:
-        args = upstream_params.parse_args(argv)
+        quiet = (
+            contextlib.nullcontext()
+            if prints_errors()
+            else contextlib.redirect_stderr(io.StringIO())
+        )
+        with quiet:  # upstream's usage and error lines: rank 0 only
+            args = upstream_params.parse_args(argv)
         self._check(args)
         args.loss = self.loss_name
         for dest in ("tau_num_samples", "tau_key_index", *LOSS_OPTIONS, *SWITCHES):
@@ -723,21 +788,65 @@ class LossTraining:
         return data
 
     def _make_indexer(self, args: argparse.Namespace, info: Any) -> SampleIndexer:
-        """Table size and key map for the training set; errors here come before training."""
+        """The key map for the training set, with the table planned by :meth:`check_inputs`."""
+        if not self.inputs_checked:  # get_data called without open_clip_train.main
+            self.plan_table(args)
+        kind = _train_data_kind(args)
+        if kind in ("csv", "synthetic") and info.dataloader.num_samples != self.data_rows:
+            raise UpstreamDriftError(
+                f"open_clip_train built a training set of {info.dataloader.num_samples} "
+                f"samples from {args.train_data}, where openclip_tau counted {self.data_rows}."
+            )
+        return SampleIndexer(self.num_samples, self.key_index)
+
+    # -------------------------------------------------------------- inputs, before the model
+    def create_model_and_transforms(self, *args: Any, **kwargs: Any) -> Any:
+        """``open_clip.create_model_and_transforms`` for ``open_clip_train.main``, after
+        :meth:`check_inputs` (once): bad inputs are refused before the model is built."""
+        if not self.inputs_checked:
+            self.check_inputs(self.args)
+        return self._create_model(*args, **kwargs)
+
+    def check_inputs(self, args: argparse.Namespace) -> None:
+        """Refusals that read files: the checkpoint given to ``--resume`` (missing, or not
+        resumable with this run's loss, table or sample-to-row map), the key index (missing,
+        malformed, or without a training shard), the csv (``--tau-num-samples`` below its rows).
+
+        Called on every rank after ``--resume latest`` is resolved, before the model is built;
+        every rank reads the same files, so every rank raises the same error.
+        """
+        self.inputs_checked = True
+        resume = args.resume
+        if resume and "://" not in resume and not os.path.isfile(resume):
+            raise TrainingSetupError(f"--resume {resume}: no such file.")
+        if self.stateful and (args.train_data or args.dataset_type == "synthetic"):
+            self.plan_table(args)
+        if resume and "://" not in resume:
+            entries = read_loss_entries(resume)
+            if entries is not None:
+                self._check_resumable(resume, entries)
+
+    def plan_table(self, args: argparse.Namespace) -> None:
+        """Table size, sample-to-row map and its fingerprint, from the data's files."""
         kind = _train_data_kind(args)
         requested = self.options.tau_num_samples
-        key_index = None
-        if kind in ("csv", "synthetic"):
-            rows = info.dataloader.num_samples
-            what = "rows of the csv" if kind == "csv" else "synthetic samples"
+        self.data_rows = None
+        if kind == "csv":
+            rows = self.data_rows = csv_rows(args)
+            what = "rows of the csv"
             self.index_source = f"the row number ({rows} {what})"
-            self.index_fingerprint = (
-                f"csv sha256:{_file_sha256(args.train_data)}"
-                if kind == "csv"
-                else f"synthetic {rows}"
-            )
+            self.index_fingerprint = f"csv sha256:{_file_sha256(args.train_data)}"
+        elif kind == "synthetic":
+            if not args.train_num_samples:
+                raise TrainingSetupError(
+                    "--dataset-type synthetic needs --train-num-samples (the table size)."
+                )
+            rows = self.data_rows = args.train_num_samples
+            what = "synthetic samples"
+            self.index_source = f"the row number ({rows} {what})"
+            self.index_fingerprint = f"synthetic {rows}"
         elif self.options.tau_key_index:
-            key_index = load_key_index(self.options.tau_key_index)
+            self.key_index = key_index = read_key_index(self.options.tau_key_index)
             unmapped = [
                 url
                 for url in expand_shards(args.train_data)
@@ -763,8 +872,13 @@ class LossTraining:
                 f"--tau-num-samples {requested} is smaller than the {rows} {what}; omit it or "
                 f"pass at least {rows}."
             )
+        if requested is not None and requested > rows:
+            self._log_master(
+                f"openclip_tau: --tau-num-samples {requested} is larger than the {rows} {what}: "
+                f"{requested - rows} rows of the per-sample table are never used.",
+                logging.WARNING,
+            )
         self.num_samples = requested or rows
-        return SampleIndexer(self.num_samples, key_index)
 
     # -------------------------------------------------------------- loss
     def create_loss(self, args: argparse.Namespace) -> nn.Module:
@@ -865,32 +979,14 @@ class LossTraining:
         resumed, self.resumed = self.resumed, None  # release the tables once done
         path = self.resumed_path
         fresh = self.options.tau_fresh_state
-        saved = resumed.get("loss_name")
-        if saved is not None and saved != self.loss_name:
-            raise TrainingSetupError(
-                f"{path} was trained with --loss {saved}; resume it with --loss {saved}, not "
-                f"--loss {self.loss_name}."
-            )
+        self._check_resumable(path, resumed)
         if not self.stateful:
             return
-        if saved is None or "loss_state_dict" not in resumed:
-            if not fresh:
-                raise TrainingSetupError(
-                    f"{path} holds no loss state (written by open_clip_train itself, or by "
-                    f"another tool): resuming --loss {self.loss_name} from it would start the "
-                    "per-sample state fresh. Pass --tau-fresh-state to do that."
-                )
+        if resumed.get("loss_name") is None or "loss_state_dict" not in resumed:
             self._log_master(f"openclip_tau: {path} holds no loss state; starting it fresh.")
             return
         options = resumed.get("loss_options", {})
         before = options.get("index")
-        if before is not None and before != self.index_fingerprint and not fresh:
-            raise TrainingSetupError(
-                f"{path} was trained with another sample-to-row map ({before}); this run uses "
-                f"{self.index_fingerprint} ({self.index_source}), so the saved state would "
-                "belong to other samples. Resume with the key index (or csv) it was trained "
-                "with, or pass --tau-fresh-state to start the per-sample state fresh."
-            )
         if fresh:
             self._log_master(
                 f"openclip_tau: --tau-fresh-state: the {self.loss_name} loss state of {path} "
@@ -928,6 +1024,42 @@ class LossTraining:
                 logging.WARNING,
             )
         self._log_master(f"openclip_tau: restored the {self.loss_name} loss state from {path}.")
+
+    def _check_resumable(self, path: str, resumed: dict[str, Any]) -> None:
+        """Refuses a checkpoint trained with another loss, or (unless ``--tau-fresh-state``)
+        one without loss state, with another table size or another sample-to-row map."""
+        fresh = self.options.tau_fresh_state
+        saved = resumed.get("loss_name")
+        if saved is not None and saved != self.loss_name:
+            raise TrainingSetupError(
+                f"{path} was trained with --loss {saved}; resume it with --loss {saved}, not "
+                f"--loss {self.loss_name}."
+            )
+        if not self.stateful or fresh:
+            return
+        if saved is None or "loss_state_dict" not in resumed:
+            raise TrainingSetupError(
+                f"{path} holds no loss state (written by open_clip_train itself, or by "
+                f"another tool): resuming --loss {self.loss_name} from it would start the "
+                "per-sample state fresh. Pass --tau-fresh-state to do that."
+            )
+        options = resumed.get("loss_options", {})
+        before = options.get("index")
+        if before is not None and before != self.index_fingerprint:
+            raise TrainingSetupError(
+                f"{path} was trained with another sample-to-row map ({before}); this run uses "
+                f"{self.index_fingerprint} ({self.index_source}), so the saved state would "
+                "belong to other samples. Resume with the key index (or csv) it was trained "
+                "with, or pass --tau-fresh-state to start the per-sample state fresh."
+            )
+        rows = options.get("num_samples")
+        if rows is not None and self.num_samples is not None and rows != self.num_samples:
+            raise TrainingSetupError(
+                f"{path} holds a per-sample table of {rows} rows; this run's has "
+                f"{self.num_samples} (num_samples={self.num_samples}, from {self.index_source}). "
+                f"Resume with --tau-num-samples {rows}, or pass --tau-fresh-state to start the "
+                "per-sample state fresh."
+            )
 
     def class_kwargs(self) -> dict[str, Any]:
         """Every keyword of the loss's constructor as this run built it (no rank/world/table)."""
@@ -1050,7 +1182,7 @@ class LossTraining:
         if self.stateful:
             # Sampling order (csv, synthetic) and augmentations drawn in this process depend on
             # the epoch only, so a resumed run repeats the epochs it did not finish.
-            seed_everything(derive_seed(args.seed, epoch, args.rank))
+            seed_everything(derive_seed("main", args.seed, epoch, args.rank))
         if self.ours:
             if self.table_median is None:
                 self.table_stats()  # after a resume: the restored tables' median
@@ -1438,10 +1570,45 @@ def sharded_sample(values: Tensor, seed: int, limit: int = SHARD_SAMPLE_ROWS) ->
     quantiles of the union are exact for tables of up to ``limit`` visited rows per rank.
     """
     if values.numel() > limit:
-        generator = torch.Generator().manual_seed(seed * 100_003 + torch.distributed.get_rank())
+        rank = torch.distributed.get_rank()
+        generator = torch.Generator().manual_seed(derive_seed("table-sample", seed, rank))
         pick = torch.randperm(values.numel(), generator=generator)[:limit]
         values = values[pick.to(values.device)]
     return torch.cat(all_gather_variable(values.contiguous()))
+
+
+def read_loss_entries(path: str) -> Optional[dict[str, Any]]:
+    """``epoch`` and the loss entries of a training checkpoint, read before the model is built
+    (memory-mapped: the weights are not read), or None for a bare model checkpoint."""
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # not the zip format: no memory map
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling raises many kinds
+        raise TrainingSetupError(f"--resume {path} cannot be read: {err}") from None
+    if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+        return None
+    return {k: checkpoint[k] for k in ("epoch", *CHECKPOINT_KEYS) if k in checkpoint}
+
+
+def read_key_index(path: str) -> KeyIndex:
+    """:func:`load_key_index` with its errors as one-line setup errors naming the option."""
+    try:
+        return load_key_index(path)
+    except (OSError, ValueError) as err:
+        raise TrainingSetupError(f"--tau-key-index {path}: {err}") from None
+
+
+def csv_rows(args: argparse.Namespace) -> int:
+    """The number of rows upstream's ``CsvDataset`` reads from ``--train-data``."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(args.train_data, sep=args.csv_separator, usecols=[args.csv_img_key])
+    except (OSError, ValueError) as err:
+        raise TrainingSetupError(f"--train-data {args.train_data}: {err}") from None
+    return len(frame)
 
 
 def _file_sha256(path: str) -> str:
@@ -1487,11 +1654,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
 
 
 def cli() -> None:
-    """Console entry: setup errors and sample keys outside the table are one line, exit code 2."""
+    """Console entry: setup errors and sample keys outside the table are one line, exit code 2.
+
+    Under torchrun every rank finds a setup error and exits with 2; rank 0 prints it. A sample
+    key outside the table is seen by the rank whose data holds it: that rank prints it.
+    """
     try:
         code = main()
-    except (TrainingSetupError, SampleKeyError) as err:
-        print(f"openclip_tau.train: error: {err}", file=sys.stderr)
+    except TrainingSetupError as err:
+        if prints_errors():
+            print(f"openclip_tau.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SampleKeyError as err:
+        _, rank, world_size = world_info_from_env()
+        where = f" (rank {rank})" if world_size > 1 else ""
+        print(f"openclip_tau.train: error{where}: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
 

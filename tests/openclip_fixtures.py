@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import open_clip
@@ -179,28 +179,73 @@ def zero_shot_accuracy(
     return float((predicted == labels).mean())
 
 
+# Environment variable read by ``python -m openclip_fixtures``: "EPOCH:STEP" makes every
+# process SIGKILL itself when the loss is called for step STEP of epoch EPOCH (that many steps
+# of the epoch done), as a job killed by the cluster.
+KILL_AT = "OPENCLIP_TAU_TEST_KILL_AT"
+
+
+def train_command(root: os.PathLike, args: Sequence[str], processes: int = 1) -> list[str]:
+    """The command line of ``openclip_tau.train`` (through ``python -m openclip_fixtures``) in
+    one process, or in ``processes`` gloo processes under torchrun, with the tiny model config
+    of ``root`` registered in every process."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        launcher += ["--master-port", str(free_port()), "-m", "--"]  # ours prefix torchrun's
+    else:
+        launcher += ["-m"]
+    config = str(Path(root) / f"{TINY_MODEL}.json")
+    return [*launcher, "openclip_fixtures", "--add-model-config", config, *args]
+
+
+def train_process(
+    root: os.PathLike,
+    args: Sequence[str],
+    processes: int = 1,
+    kill_at: Optional[str] = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
+    """Runs :func:`train_command` (optionally SIGKILLed at ``kill_at``, see :data:`KILL_AT`)
+    and returns the finished process (its exit code is not checked)."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tests.parent}{os.pathsep}{tests}")
+    env.pop(KILL_AT, None)
+    if kill_at:
+        env[KILL_AT] = kill_at
+    command = train_command(root, args, processes)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def torchrun_train(
     root: os.PathLike, args: Sequence[str], timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """``openclip_tau.train`` in 2 gloo processes under torchrun, with the tiny model config of
     ``root`` registered in every process; fails with the end of stderr on a non-zero exit."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "--",  # our flags such as --logs are prefixes of torchrun's
-        "openclip_tau.train",
-        "--add-model-config",
-        str(Path(root) / f"{TINY_MODEL}.json"),
-        *args,
-    ]
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    result = train_process(root, args, processes=2, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def _main() -> None:
+    """``python -m openclip_fixtures ARGS``: ``openclip_tau.train``'s console entry, killed
+    with SIGKILL at the step :data:`KILL_AT` names (when set)."""
+    import signal
+
+    from openclip_tau import train
+
+    if os.environ.get(KILL_AT):
+        epoch, step = (int(x) for x in os.environ[KILL_AT].split(":"))
+        real_end_step = train.LossTraining.end_step
+
+        def end_step(self: train.LossTraining, stats: dict) -> None:
+            if self.epoch == epoch and self.step_in_epoch == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_end_step(self, stats)
+
+        train.LossTraining.end_step = end_step
+    train.cli()
+
+
+if __name__ == "__main__":
+    _main()

@@ -189,7 +189,7 @@ def test_csv_order_under_torchrun_follows_the_seed(workdir: Path) -> None:
         )
         args.distributed, args.world_size, args.rank = True, 1, 0
         info = tau_data.indexed_train_data(args, lambda image: image, 0, lambda text: [text])
-        assert isinstance(info.sampler, torch.utils.data.DistributedSampler)
+        assert isinstance(info.sampler, tau_data.EpochSeededDistributedSampler)
         assert info.sampler.seed == seed
         info.set_epoch(epoch)
         return list(iter(info.sampler))
@@ -201,6 +201,7 @@ def test_csv_order_under_torchrun_follows_the_seed(workdir: Path) -> None:
         assert sampler_order(0, 0) == sampler_order(0, 0)
         assert sampler_order(0, 0) != sampler_order(1, 0)  # upstream: always seed 0
         assert sampler_order(1, 0) != sampler_order(1, 1)
+        assert sampler_order(1, 0) != sampler_order(0, 1)  # upstream: seed + epoch, equal
         # Item 7: the rank check works on the tables' own device, here with a 1-rank group.
         loss = train.ISogCLRClipLoss(num_samples=10)
         run_ = train.LossTraining(argparse.Namespace(loss="isogclr", **_no_options()))
