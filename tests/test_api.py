@@ -38,10 +38,15 @@ def features(seed: int = 0, grad: bool = True) -> tuple[torch.Tensor, torch.Tens
     return a.requires_grad_(grad), b.requires_grad_(grad)
 
 
-def call(loss, host: str, z0, z1, index=None):
+def call(loss, host: str, z0, z1, index=None, backward: bool = True):
+    """One call of the loss, backpropagated (as a training step is) when it has a gradient."""
     if host == "lightly":
-        return loss(z0, z1, index)
-    return loss(z0, z1, torch.tensor(10.0), index=index)
+        value = loss(z0, z1, index)
+    else:
+        value = loss(z0, z1, torch.tensor(10.0), index=index)
+    if backward and value.requires_grad:
+        value.backward()
+    return value
 
 
 def tables(loss) -> dict[str, torch.Tensor]:
