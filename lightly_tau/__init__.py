@@ -13,7 +13,7 @@ from tau_core import (
 __version__ = "0.2.0"
 
 #: Lightning callbacks, imported on first use (``pytorch_lightning`` is needed only for them).
-_LIGHTNING = ("ShardedStateCheckpoint", "TrainedTemperature")
+_LIGHTNING = ("SeedEveryEpoch", "ShardedStateCheckpoint", "TrainedTemperature")
 
 
 def __getattr__(name: str) -> object:
@@ -31,6 +31,7 @@ __all__ = [
     "IndexedDataset",
     "PerSampleState",
     "RGCLGLoss",
+    "SeedEveryEpoch",
     "ShardedStateCheckpoint",
     "SogCLRLoss",
     "TempNetLoss",

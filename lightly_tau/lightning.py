@@ -2,11 +2,13 @@
 
 ``Trainer(callbacks=[TrainedTemperature()])`` gives RGCL-g's and TempNet's temperature its own
 AdamW beside the model's optimizer; ``Trainer(callbacks=[ShardedStateCheckpoint()])`` makes a
-``state_layout="sharded"`` loss resumable with ``ckpt_path=``.
+``state_layout="sharded"`` loss resumable with ``ckpt_path=``; ``SeedEveryEpoch(seed)`` makes a
+resumed run draw the random numbers of the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +20,7 @@ from tau_core import (
     GlobalContrastiveLoss,
     ShardedPerSampleState,
     TrainedTemperatureMixin,
+    derive_seed,
     load_state_shards,
     save_state_shards,
 )
@@ -223,3 +226,66 @@ def _keep_own_rows(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
     for key in list(state_dict):
         if key.startswith(prefix) and key in own:
             state_dict[key] = own[key]
+
+
+class SeedEveryEpoch(pl.Callback):
+    """Reseeds Python's, NumPy's and torch's generators before every training epoch.
+
+    Lightning does not checkpoint the global generators, so a run resumed from a checkpoint
+    draws other data orders and augmentations than the uninterrupted run. This callback seeds
+    them from a hash of ``(seed, epoch, rank)`` (not ``seed + epoch``, so two seeds never share
+    an epoch's draws) just before the epoch's data loader iterator is created: at the start of
+    ``fit`` for the first (or resumed) epoch and at the end of every training epoch for the next
+    one. Every draw of an epoch then depends only on ``(seed, epoch, rank)``.
+
+    A resumed run (``trainer.fit(..., ckpt_path=...)`` from a checkpoint saved at an epoch's end)
+    is bit-identical to the uninterrupted one, tables, weights and optimizer states, with:
+    ``pl.seed_everything(seed)`` before the model is built, this callback, a data loader whose
+    workers are not persistent (``num_workers=0``, or ``persistent_workers=False``), a loss
+    whose random draws are its own (TempNet's dropout is), ``TrainedTemperature`` for a trained
+    temperature and deterministic kernels (``Trainer(deterministic=True)`` on a GPU). A
+    checkpoint saved in the middle of an epoch resumes that epoch with a new iterator (Lightning
+    does not restore a data loader's position), so it is not exact.
+
+    Args:
+        seed: The run's seed (any integer).
+
+    Examples:
+        >>> pl.seed_everything(0)
+        >>> trainer = pl.Trainer(callbacks=[TrainedTemperature(), SeedEveryEpoch(0)])
+    """
+
+    def __init__(self, seed: int) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        self.seed = seed
+        self._resumed_epoch: Optional[int] = None
+
+    def _reseed(self, trainer: pl.Trainer, epoch: int) -> None:
+        value = derive_seed(self.seed, epoch, trainer.global_rank)
+        random.seed(value)
+        torch.manual_seed(value)
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - NumPy comes with Lightning
+            return
+        numpy.random.seed(value % 2**32)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores the loops' progress after this hook: a resumed run's epoch comes
+        # from the checkpoint (on_load_checkpoint, called before the first iterator exists).
+        epoch = self._resumed_epoch if self._resumed_epoch is not None else trainer.current_epoch
+        self._reseed(trainer, epoch)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        try:
+            progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+            self._resumed_epoch = int(progress["processed"])  # epochs whose training ended
+        except (KeyError, TypeError):
+            self._resumed_epoch = int(checkpoint.get("epoch", 0))
+        self._reseed(trainer, self._resumed_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reseed(trainer, trainer.current_epoch + 1)
