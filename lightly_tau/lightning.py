@@ -163,20 +163,16 @@ class ShardedStateCheckpoint(pl.Callback):
     def __init__(self, dirpath: Optional[str] = None) -> None:
         self.dirpath = dirpath
         self._saved: dict[int, dict[str, str]] = {}
-        self._hooks: list[Any] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = [
-            loss.state._register_load_state_dict_pre_hook(_keep_own_rows, with_module=True)
-            for loss in sharded_losses(pl_module).values()
-        ]
+        # The rows of a checkpoint's module state dict are rank 0's: every rank ignores them and
+        # loads its own from the shard folder (on_load_checkpoint).
+        for loss in sharded_losses(pl_module).values():
+            loss.state.rows_from_state_dict = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        for loss in sharded_losses(pl_module).values():
+            loss.state.rows_from_state_dict = True
 
     def _root(self, trainer: pl.Trainer) -> Path:
         if self.dirpath is not None:
@@ -216,16 +212,6 @@ class ShardedStateCheckpoint(pl.Callback):
                     f"'{name}' (it has {sorted(folders)})."
                 )
             load_state_shards(loss, folders[name])
-
-
-def _keep_own_rows(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Replaces a checkpoint's sharded rows (rank 0's) by this rank's current ones, so that
-    loading the module's state dict leaves the state as it is; the callback's
-    ``on_load_checkpoint`` then loads every rank's rows from the shard folder."""
-    own = module.state_dict(prefix=prefix)
-    for key in list(state_dict):
-        if key.startswith(prefix) and key in own:
-            state_dict[key] = own[key]
 
 
 class SeedEveryEpoch(pl.Callback):

@@ -439,6 +439,12 @@ class ShardedPerSampleState(PerSampleState):
     #: should agree its batch checks across ranks in every forward, not only when it writes.
     collective_read = True
 
+    #: Whether ``load_state_dict`` takes this rank's rows from the state dict. Set it to False
+    #: where the rows come from a shard folder instead (:func:`load_state_shards`), e.g. when
+    #: Lightning loads rank 0's checkpoint into every rank: the state dict's rows are then
+    #: ignored, whichever rank wrote them.
+    rows_from_state_dict: bool = True
+
     def __init__(
         self, num_samples: int, initial_values: Mapping[str, float], exchange: str = "auto"
     ) -> None:
@@ -702,6 +708,8 @@ class ShardedPerSampleState(PerSampleState):
         self._shard()
         world, me = self.world_size, self.rank
         incoming: dict[str, Tensor] = {}
+        if not self.rows_from_state_dict:
+            return incoming
         if any(prefix + name in state_dict for name in self._names):
             whole = full_tables(state_dict, prefix, self._names, self.num_samples)
             return {name: value[me::world] for name, value in whole.items()}
@@ -746,9 +754,10 @@ class ShardedPerSampleState(PerSampleState):
         error_msgs: list[str],
     ) -> None:
         incoming = self.check_loadable(state_dict, prefix)
-        missing_keys.extend(
-            prefix + SHARD_PREFIX + name for name in self._names if name not in incoming
-        )
+        if self.rows_from_state_dict:
+            missing_keys.extend(
+                prefix + SHARD_PREFIX + name for name in self._names if name not in incoming
+            )
         storage = self._shard()
         for name, value in incoming.items():
             storage[:, self._column(name)].copy_(value.to(storage.device, torch.float32))
