@@ -264,7 +264,9 @@ class ContrastiveLoss(nn.Module):
     # ------------------------------------------------------------- checks
     def writes_state(self, *features: Tensor) -> bool:
         """Whether this call may change per-sample state: training mode, gradients enabled, and
-        features that require them (a validation pass under ``no_grad`` or in ``eval()`` reads)."""
+        features that require them (a validation pass under ``no_grad`` or in ``eval()`` reads).
+        The rows are then put into the tables when the backward pass reaches the loss: a call
+        that is never backpropagated writes nothing."""
         return (
             self.needs_index
             and self.training
