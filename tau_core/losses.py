@@ -16,7 +16,6 @@ else is here, once:
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -80,10 +79,10 @@ TEMPERATURE_KEYWORDS = ("temperature", "tau_init", "tau_min")
 
 def keyword_example(cls: type) -> str:
     """`` (e.g. temperature=0.2)`` with a temperature keyword ``cls`` accepts, else ``""``."""
-    try:
-        accepted = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
+    code = getattr(cls.__init__, "__code__", None)
+    if code is None:
         return ""
+    accepted = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
     for name in TEMPERATURE_KEYWORDS:
         if name in accepted:
             return f" (e.g. {name}=0.2)" if name == "temperature" else f" (e.g. {name}=0.1)"

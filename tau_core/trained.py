@@ -210,6 +210,8 @@ class TemperatureNetwork(nn.Module):
         self.dropout = check_number("dropout", dropout, 0.0, 1.0, high_open=True)
         self.dim, self.num_prototypes = dim, num_prototypes
         self.seed = seed
+        #: Seed of the dropout stream (``build_networks`` hashes the loss's seed and the role).
+        self.dropout_seed = seed
         self.dropout_calls = 0  # training forwards that drew a dropout mask (checkpointed)
         self._generators: dict[torch.device, torch.Generator] = {}
         generator = torch.Generator().manual_seed(seed)
@@ -248,7 +250,7 @@ class TemperatureNetwork(nn.Module):
         """``F.dropout`` drawn from the network's own generator (not the global one).
 
         The mask of the k-th training forward on rank r comes from a generator seeded with a hash
-        of (seed, r, k): it does not depend on what else draws random numbers, and only the
+        of (dropout_seed, r, k): it does not depend on what else draws random numbers, and only the
         counter k is state, the same on every rank, checkpointed with the loss (``dropout_calls``
         in its state dict), so a resumed run draws the masks of the uninterrupted one.
         """
@@ -257,7 +259,8 @@ class TemperatureNetwork(nn.Module):
         generator = self._generators.get(x.device)
         if generator is None:
             generator = self._generators[x.device] = torch.Generator(device=x.device)
-        generator.manual_seed(derive_seed(self.seed, DROPOUT_STREAM, rank(), self.dropout_calls))
+        seed = derive_seed(self.dropout_seed, DROPOUT_STREAM, rank(), self.dropout_calls)
+        generator.manual_seed(seed)
         self.dropout_calls += 1
         keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x * (keep >= self.dropout).to(x.dtype) / (1.0 - self.dropout)
@@ -616,9 +619,12 @@ def build_networks(
             f"{loss_name} needs dim=, the dimension of the embeddings its temperature networks "
             "read (e.g. the model's embed_dim)."
         )
-    return nn.ModuleDict(
+    networks = nn.ModuleDict(
         {
             role: TemperatureNetwork(dim, tau_min, tau_max, num_prototypes, dropout, seed + k)
             for k, role in enumerate(roles)
         }
     )
+    for k, net in enumerate(networks.values()):
+        net.dropout_seed = derive_seed(seed, k)  # (seed, role): no overlap between seeds
+    return networks
