@@ -59,6 +59,7 @@ from tau_core.trained import (
     TrainedTemperatureMixin,
     average_gradient_over_ranks,
     build_networks,
+    derive_seed,
 )
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "check_temperature_range",
     "concat_all_gather",
     "cosine_gamma",
+    "derive_seed",
     "dystress_rows",
     "dystress_temperature",
     "gather_with_grad",

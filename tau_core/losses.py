@@ -34,6 +34,7 @@ from tau_core.distributed import all_reduce_max, is_distributed, raise_agreed
 from tau_core.functional import (
     cosine_gamma,
     dystress_rows,
+    dystress_temperature,
     global_contrastive_rows,
     weighted_similarity_sum,
     with_value,
@@ -53,6 +54,9 @@ DYSTRESS_RANKING_RATIO = 8.2
 LABELS_AS_INDEX_REPEATS = 4
 LABELS_AS_INDEX_FRACTION = 0.1
 
+# Pairs whose temperatures DySTreSS's stats summarise (a subsample of rows beyond it).
+STATS_PAIRS = 1 << 20
+
 
 def temperature_stats(tau: Tensor, prefix: str = "tau") -> dict[str, Tensor]:
     """Mean, spread and quantiles of a batch of temperatures, as detached 0-d tensors."""
@@ -67,6 +71,22 @@ def temperature_stats(tau: Tensor, prefix: str = "tau") -> dict[str, Tensor]:
         f"{prefix}_p90": q[2],
         f"{prefix}_max": tau.max(),
     }
+
+
+#: The keyword a float first argument most likely meant, in order of preference.
+TEMPERATURE_KEYWORDS = ("temperature", "tau_init", "tau_min")
+
+
+def keyword_example(cls: type) -> str:
+    """`` (e.g. temperature=0.2)`` with a temperature keyword ``cls`` accepts, else ``""``."""
+    code = getattr(cls.__init__, "__code__", None)
+    if code is None:
+        return ""
+    accepted = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    for name in TEMPERATURE_KEYWORDS:
+        if name in accepted:
+            return f" (e.g. {name}=0.2)" if name == "temperature" else f" (e.g. {name}=0.1)"
+    return ""
 
 
 def normalized_float32(out: Tensor) -> Tensor:
@@ -148,6 +168,26 @@ class SurrogateSum:
         return out
 
 
+class _WriteOnBackward(torch.autograd.Function):
+    """Identity on the loss; its backward applies the state write prepared in the forward.
+
+    The collectives of the write ran in the forward (every rank, in step), so the backward only
+    writes this rank's tables, once, with no communication.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor, apply_write: Any) -> Tensor:  # type: ignore[override]
+        ctx.apply_write = apply_write
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        apply_write, ctx.apply_write = ctx.apply_write, None
+        if apply_write is not None:  # a second backward (retain_graph) writes nothing again
+            apply_write()
+        return grad, None
+
+
 class ContrastiveLoss(nn.Module):
     """What every loss of this package shares: checks, ``set_epoch``, ``stats``.
 
@@ -207,7 +247,8 @@ class ContrastiveLoss(nn.Module):
         if self._stats_cache is None:
             stats = dict(self._stats_values)
             for prefix, tau in self._stats_temperatures.items():
-                stats.update(temperature_stats(tau, prefix))
+                summary = temperature_stats(tau, prefix)  # a value given exactly is kept
+                stats.update({k: v for k, v in summary.items() if k not in self._stats_values})
             self._stats_cache = stats
         return dict(self._stats_cache)
 
@@ -228,7 +269,9 @@ class ContrastiveLoss(nn.Module):
     # ------------------------------------------------------------- checks
     def writes_state(self, *features: Tensor) -> bool:
         """Whether this call may change per-sample state: training mode, gradients enabled, and
-        features that require them (a validation pass under ``no_grad`` or in ``eval()`` reads)."""
+        features that require them (a validation pass under ``no_grad`` or in ``eval()`` reads).
+        The rows are then put into the tables when the backward pass reaches the loss: a call
+        that is never backpropagated writes nothing."""
         return (
             self.needs_index
             and self.training
@@ -412,7 +455,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             raise ValueError(
                 f"num_samples must be a positive integer (the number of samples in the training "
                 f"set), got {num_samples!r}. The first argument of {type(self).__name__} is "
-                "num_samples; pass every other setting by keyword (e.g. temperature=0.2)."
+                f"num_samples; pass every other setting by keyword{keyword_example(type(self))}."
             )
         self.settings = rule
         self.gamma = check_number("gamma", gamma, 0.0, 1.0, low_open=True)
@@ -468,6 +511,8 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         whose gradient is the surrogate's.
         """
         writes = self.writes_state(out0, out1)
+        if writes and self.settings.trains_temperature:
+            self._temperature_forward_started()
         # A sharded state reads through a collective: then every rank must agree on every batch.
         collective = is_distributed() and (
             writes or self.gathers() or getattr(self.state, "collective_read", False)
@@ -515,17 +560,33 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             new_rows.update(role_rows)
             temperatures["tau" + block.suffix] = role_rows.get("tau" + block.suffix, tau_rows)
         surrogate = surrogate_sum.total()
+        apply_write = None
         if writes:
             if valid is not None:  # deferred checks: an invalid batch writes back the old rows
                 new_rows = {k: torch.where(valid, v, rows[k]) for k, v in new_rows.items()}
-            self.state.write(index, new_rows)
+            # Every collective of the write happens now, on every rank; the rows are put into
+            # the tables when the backward pass reaches the loss (never, for a forward that is
+            # not backpropagated, e.g. a validation pass that forgot no_grad).
+            apply_write = self.state.prepare_write(index, new_rows)
             self._after_write(b)
+            if rule.trains_temperature:
+                self._temperature_forward_done()
         if len(blocks) > 1:
             temperatures = {"tau": torch.cat(list(temperatures.values())), **temperatures}
         self.set_stats({"objective": objective, "surrogate": surrogate}, temperatures)
         if rule.trains_temperature:
-            return with_value(surrogate + temperature_term, objective)
-        return with_value(surrogate, objective)
+            loss = with_value(surrogate + temperature_term, objective)
+        else:
+            loss = with_value(surrogate, objective)
+        if apply_write is not None:
+            loss = _WriteOnBackward.apply(loss, apply_write)
+        return loss
+
+    def _temperature_forward_started(self) -> None:
+        """Hook of a trained temperature: a training call starts (see ``tau_core.trained``)."""
+
+    def _temperature_forward_done(self) -> None:
+        """Hook of a trained temperature: a training call ends (see ``tau_core.trained``)."""
 
     # ------------------------------------------------------------- warnings
     def _after_write(self, local_batch: int) -> None:
@@ -583,6 +644,13 @@ class DySTreSSBase(ContrastiveLoss):
 
     def __init__(self, tau_min: float, tau_max: float, gather_distributed: bool) -> None:
         super().__init__(gather_distributed)
+        if isinstance(tau_min, int) and not isinstance(tau_min, bool) and tau_min > 1:
+            raise ValueError(
+                f"{type(self).__name__}'s first argument is a temperature, tau_min (default "
+                f"0.1), not num_samples: got {tau_min}. DySTreSS keeps no per-sample state and "
+                f"needs no dataset size: {type(self).__name__}() or "
+                f"{type(self).__name__}(tau_min=0.1, tau_max=0.2)."
+            )
         self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
         warn_wide_dystress_range(self.tau_min, self.tau_max)
 
@@ -623,9 +691,27 @@ class DySTreSSBase(ContrastiveLoss):
                 "tau_mean": tau_all,
                 "tau_positive_mean": tau_pos,
                 "tau_negative_mean": tau_neg,
-            }
+            },
+            {"tau": self._pair_temperatures(blocks)},
         )
         return loss
+
+    def _pair_temperatures(self, blocks: Sequence[AnchorBlock]) -> Tensor:
+        """The temperatures of the pairs (positives and negatives) behind ``stats``' quantiles:
+        every pair, or evenly spaced rows' pairs beyond ``STATS_PAIRS`` of them."""
+        parts = []
+        for block in blocks:
+            rows, cols = block.sim.shape
+            step = max(1, math.ceil(rows * cols / (STATS_PAIRS // len(blocks))))
+            picked = torch.arange(0, rows, step, device=block.sim.device)
+            sim = block.sim.detach()[picked]
+            keep = torch.ones_like(sim, dtype=torch.bool)
+            if block.self_col is not None:
+                keep[torch.arange(picked.numel(), device=sim.device), block.self_col[picked]] = (
+                    False
+                )
+            parts.append(dystress_temperature(sim[keep], self.tau_min, self.tau_max))
+        return torch.cat(parts)
 
 
 def warn_wide_dystress_range(tau_min: float, tau_max: float) -> None:

@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -195,13 +195,26 @@ class PerSampleState(nn.Module):
         local = index.to(self.device)
         return {name: table[local].to(device) for name, table in self._tables.items()}
 
-    @torch.no_grad()
     def write(self, index: Tensor, rows: Mapping[str, Tensor], synchronize: bool = True) -> None:
         """Writes ``rows[name][k]`` to ``table[name][index[k]]`` for every table.
 
         With ``synchronize`` (the default) and a process group of several ranks, the indices and
         rows of all ranks are gathered first, so every rank writes the whole global batch and the
         tables stay identical (a collective: every rank must call it). All tables must be given.
+        The same as ``prepare_write(index, rows, synchronize)()``.
+        """
+        self.prepare_write(index, rows, synchronize)()
+
+    @torch.no_grad()
+    def prepare_write(
+        self, index: Tensor, rows: Mapping[str, Tensor], synchronize: bool = True
+    ) -> Callable[[], None]:
+        """Does every collective of :meth:`write` now and returns the local part, not yet applied.
+
+        The returned function writes the already gathered rows into this rank's tables, with no
+        communication, whenever it is called (a loss calls it when the backward pass reaches it,
+        so a forward that is never backpropagated writes nothing while every rank still takes
+        part in the same collectives).
         """
         if set(rows) != set(self._tables):
             raise ValueError(f"write needs rows for {sorted(self._tables)}, got {sorted(rows)}.")
@@ -214,8 +227,13 @@ class PerSampleState(nn.Module):
         index, packed = keep_last_occurrence(index, packed)
         index = index.to(self.device)
         packed = packed.to(self.device)
-        for k, name in enumerate(names):
-            self._tables[name][index] = packed[:, k]
+
+        @torch.no_grad()
+        def apply() -> None:
+            for k, name in enumerate(names):
+                self._tables[name][index] = packed[:, k].to(self._tables[name].device)
+
+        return apply
 
     # ------------------------------------------------- nn.Module integration
     def _apply(self, fn: Any, recurse: bool = True) -> PerSampleState:  # type: ignore[override]
@@ -431,6 +449,12 @@ class ShardedPerSampleState(PerSampleState):
     #: should agree its batch checks across ranks in every forward, not only when it writes.
     collective_read = True
 
+    #: Whether ``load_state_dict`` takes this rank's rows from the state dict. Set it to False
+    #: where the rows come from a shard folder instead (:func:`load_state_shards`), e.g. when
+    #: Lightning loads rank 0's checkpoint into every rank: the state dict's rows are then
+    #: ignored, whichever rank wrote them.
+    rows_from_state_dict: bool = True
+
     def __init__(
         self, num_samples: int, initial_values: Mapping[str, float], exchange: str = "auto"
     ) -> None:
@@ -579,7 +603,6 @@ class ShardedPerSampleState(PerSampleState):
             packed = full[offset : offset + index.numel()]
         return {name: packed[:, k].to(device).contiguous() for k, name in enumerate(self._names)}
 
-    @torch.no_grad()
     def write(self, index: Tensor, rows: Mapping[str, Tensor], synchronize: bool = True) -> None:
         """Writes ``rows[name][k]`` to row ``index[k]`` of every table, on the row's owner.
 
@@ -587,8 +610,15 @@ class ShardedPerSampleState(PerSampleState):
         a repeated index keeps its last occurrence in rank order, then batch order (as the
         replicated write). A collective: every rank must call it. ``synchronize=False`` is
         refused with several ranks (the rows of other owners would be lost). All tables must be
-        given.
+        given. The same as ``prepare_write(index, rows, synchronize)()``.
         """
+        self.prepare_write(index, rows, synchronize)()
+
+    @torch.no_grad()
+    def prepare_write(
+        self, index: Tensor, rows: Mapping[str, Tensor], synchronize: bool = True
+    ) -> Callable[[], None]:
+        """Every exchange of :meth:`write` now; returns the local write of the received rows."""
         if set(rows) != set(self._names):
             raise ValueError(f"write needs rows for {sorted(self._names)}, got {sorted(rows)}.")
         storage = self._shard()
@@ -606,8 +636,7 @@ class ShardedPerSampleState(PerSampleState):
                 f"write got {index.numel()} indices and {packed.shape[0]} rows; one row per index."
             )
         if world > 1 and self._exchange(storage.device) == "padded_all_to_all":
-            self._padded_write(storage, index, packed)
-            return
+            return self._padded_write(index, packed)
         if world > 1:
             message = pack_rows(index, packed)
             if self._exchange(storage.device) == "all_to_all":
@@ -622,9 +651,14 @@ class ShardedPerSampleState(PerSampleState):
                 mine = index % world == self.rank
                 index, packed = index[mine], packed[mine]
         index, packed = keep_last_occurrence(index, packed)
-        storage[index // world] = packed
 
-    def _padded_write(self, storage: Tensor, index: Tensor, packed: Tensor) -> None:
+        @torch.no_grad()
+        def apply() -> None:
+            self._shard()[index // world] = packed
+
+        return apply
+
+    def _padded_write(self, index: Tensor, packed: Tensor) -> Callable[[], None]:
         """The write through one ``world_size x batch`` all_to_all, with no host synchronisation.
 
         Padding entries (index -1) become writes of row 0's current value to row 0, placed before
@@ -639,15 +673,21 @@ class ShardedPerSampleState(PerSampleState):
         every_index[slot] = index[order]
         every_rows[slot] = packed[order]
         received = all_to_all_equal(pack_rows(every_index, every_rows))
-        if not storage.shape[0]:
-            return  # no rows here (num_samples < world_size): only padding arrived
-        index, rows = unpack_rows(received)
-        real = index >= 0
-        index = torch.where(real, index, self.rank)  # row 0 of this shard
-        rows = torch.where(real[:, None], rows, storage[0])
-        first = torch.argsort(real.to(torch.uint8), stable=True)  # padding first, order kept
-        index, rows = keep_last_occurrence(index[first], rows[first])
-        storage[index // world] = rows
+
+        @torch.no_grad()
+        def apply() -> None:
+            storage = self._shard()
+            if not storage.shape[0]:
+                return  # no rows here (num_samples < world_size): only padding arrived
+            index, rows = unpack_rows(received)
+            real = index >= 0
+            index = torch.where(real, index, self.rank)  # row 0 of this shard
+            rows = torch.where(real[:, None], rows, storage[0])
+            first = torch.argsort(real.to(torch.uint8), stable=True)  # padding first, order kept
+            index, rows = keep_last_occurrence(index[first], rows[first])
+            storage[index // world] = rows
+
+        return apply
 
     # ------------------------------------------------- nn.Module integration
     def _apply(self, fn: Any, recurse: bool = True) -> ShardedPerSampleState:  # type: ignore[override]
@@ -678,6 +718,8 @@ class ShardedPerSampleState(PerSampleState):
         self._shard()
         world, me = self.world_size, self.rank
         incoming: dict[str, Tensor] = {}
+        if not self.rows_from_state_dict:
+            return incoming
         if any(prefix + name in state_dict for name in self._names):
             whole = full_tables(state_dict, prefix, self._names, self.num_samples)
             return {name: value[me::world] for name, value in whole.items()}
@@ -722,9 +764,10 @@ class ShardedPerSampleState(PerSampleState):
         error_msgs: list[str],
     ) -> None:
         incoming = self.check_loadable(state_dict, prefix)
-        missing_keys.extend(
-            prefix + SHARD_PREFIX + name for name in self._names if name not in incoming
-        )
+        if self.rows_from_state_dict:
+            missing_keys.extend(
+                prefix + SHARD_PREFIX + name for name in self._names if name not in incoming
+            )
         storage = self._shard()
         for name, value in incoming.items():
             storage[:, self._column(name)].copy_(value.to(storage.device, torch.float32))

@@ -22,6 +22,7 @@ both for users who do not want to write one.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from torch import distributed as torch_dist
 
 from tau_core.checks import check_number, check_temperature_range
-from tau_core.distributed import is_distributed
+from tau_core.distributed import is_distributed, rank
 
 
 class _AverageGradientOverRanks(torch.autograd.Function):
@@ -57,6 +58,29 @@ def average_gradient_over_ranks(x: Tensor) -> Tensor:
     if is_distributed() and torch.is_grad_enabled() and x.requires_grad:
         return _AverageGradientOverRanks.apply(x)
     return x
+
+
+MASK64 = (1 << 64) - 1
+DROPOUT_STREAM = 0x7E3D  # tags TempNet's dropout stream in derive_seed
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed hashed from integers (SplitMix64 over the sequence).
+
+    Distinct sequences give unrelated seeds: ``(s, epoch + 1)`` and ``(s + 1, epoch)`` do not
+    collide as ``seed + epoch`` would.
+    """
+    h = _splitmix64(len(parts))
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & MASK64))
+    return h & ((1 << 63) - 1)
 
 
 # ------------------------------------------------------------------------ RGCL-g
@@ -202,6 +226,11 @@ class TemperatureNetwork(nn.Module):
         self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
         self.dropout = check_number("dropout", dropout, 0.0, 1.0, high_open=True)
         self.dim, self.num_prototypes = dim, num_prototypes
+        self.seed = seed
+        #: Seed of the dropout stream (``build_networks`` hashes the loss's seed and the role).
+        self.dropout_seed = seed
+        self.dropout_calls = 0  # training forwards that drew a dropout mask (checkpointed)
+        self._generators: dict[torch.device, torch.Generator] = {}
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(dim)  # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d))
         self.proj = nn.Linear(dim, dim)
@@ -236,12 +265,37 @@ class TemperatureNetwork(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.to(p["proj.weight"].dtype)  # float32 unless the network was cast
             x = torch.sigmoid(F.linear(z, p["proj.weight"], p["proj.bias"]))
-            x = F.dropout(x, self.dropout, training=self.training)
+            x = self._dropout(x)
             prods = x @ F.normalize(p["prototypes"], dim=1).T
             weights = torch.softmax(prods / p["log_scale"].exp(), dim=1)
             features = (weights - 1.0 / self.num_prototypes) * torch.sigmoid(prods)
             t = F.linear(features, p["head.weight"], p["head.bias"]).squeeze(1)
             return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(t)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        """``F.dropout`` drawn from the network's own generator (not the global one).
+
+        The mask of the k-th training forward on rank r comes from a generator seeded with a hash
+        of (dropout_seed, r, k): it does not depend on what else draws random numbers, and only the
+        counter k is state, the same on every rank, checkpointed with the loss (``dropout_calls``
+        in its state dict), so a resumed run draws the masks of the uninterrupted one.
+        """
+        if not self.training or self.dropout == 0.0:
+            return x
+        generator = self._generators.get(x.device)
+        if generator is None:
+            generator = self._generators[x.device] = torch.Generator(device=x.device)
+        seed = derive_seed(self.dropout_seed, DROPOUT_STREAM, rank(), self.dropout_calls)
+        generator.manual_seed(seed)
+        self.dropout_calls += 1
+        keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x * (keep >= self.dropout).to(x.dtype) / (1.0 - self.dropout)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"dropout_calls": self.dropout_calls}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.dropout_calls = int(state.get("dropout_calls", 0))
 
 
 class NetworkTemperature:
@@ -364,8 +418,20 @@ class TrainedTemperatureMixin:
         temperature is clamped to its bounds. Returns the hooks' handles (``.remove()``).
         The group is found again at every step (by its parameters), so the schedule survives
         ``optimizer.load_state_dict``, which replaces the group dictionaries (a resumed run).
+        The registered optimizer is the temperature's own: a loss whose temperature
+        parameters are changed by anything else, or by nothing, warns (see
+        :meth:`optimizer`). The published settings are Adam(W)'s; another kind warns.
         """
         self._own_groups(optimizer)  # the checks, now
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            warnings.warn(
+                f"{type(self).__name__}.register_optimizer: the temperature's settings (lr_tau "
+                f"{self.lr_tau:g}) are Adam(W)'s, and this optimizer is "
+                f"{type(optimizer).__name__}, whose step of the same gradient is much smaller "
+                "or larger. Give the temperature its own AdamW: loss.optimizer().",
+                UserWarning,
+                stacklevel=2,
+            )
 
         def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             lr = self.current_lr_tau()
@@ -374,6 +440,7 @@ class TrainedTemperatureMixin:
 
         def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.clamp_temperature_()
+            self._own_steps = getattr(self, "_own_steps", 0) + 1
 
         return [
             optimizer.register_step_pre_hook(before_step),
@@ -382,19 +449,31 @@ class TrainedTemperatureMixin:
 
     def optimizer(
         self,
-        params: ParamsLike,
-        lr: float,
+        params: ParamsLike = (),
+        lr: float = 0.0,
         weight_decay: float = 0.0,
         **adamw_kwargs: Any,
     ) -> torch.optim.AdamW:
-        """An AdamW over ``params`` (the model's) plus :meth:`param_groups`, registered.
+        """The temperature's own AdamW (:meth:`param_groups`), registered.
 
-        The loss's own parameters are removed from ``params`` (a LightningModule's
-        ``self.parameters()`` holds them when the loss is its attribute), so they are stepped
-        only in their own group.
+        ``loss.optimizer()`` is the temperature's optimizer alone: keep the model's optimizer
+        as it is (SGD, LARS, ...) and step this one beside it::
+
+            tau_optimizer = loss_fn.optimizer()
+            ...
+            loss.backward()
+            optimizer.step(); tau_optimizer.step()
+            optimizer.zero_grad(); tau_optimizer.zero_grad()
+
+        (In Lightning, ``lightly_tau.TrainedTemperature()`` in the Trainer's callbacks does this.)
+        With ``params`` and ``lr`` it is one AdamW over the model's parameters too (a CLIP
+        model trained by AdamW anyway); the loss's own parameters are removed from ``params``
+        (a LightningModule's ``self.parameters()`` holds them when the loss is its attribute),
+        so they are stepped only in their own group.
 
         Examples:
-            >>> optimizer = loss_fn.optimizer(model.parameters(), lr=1e-3, weight_decay=0.1)
+            >>> tau_optimizer = loss_fn.optimizer()
+            >>> optimizer = loss_fn.optimizer(clip_model.parameters(), lr=1e-3, weight_decay=0.1)
         """
         own = {id(p) for p in self.temperature_parameters()}
         params = list(params)
@@ -410,6 +489,59 @@ class TrainedTemperatureMixin:
         )
         self.register_optimizer(opt)
         return opt
+
+    # ------------------------------------------------ is the temperature trained at all?
+    def _temperature_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.temperature_parameters())
+
+    def _temperature_forward_started(self) -> None:
+        """At a training call: counts the calls since the own optimizer last stepped."""
+        if getattr(self, "_steps_warned", False) or self.lr_tau == 0.0:
+            return
+        record = getattr(self, "_step_record", None)
+        steps = getattr(self, "_own_steps", 0)
+        if record is not None:
+            last_steps, last_versions = record
+            if steps != last_steps:
+                self._calls_unstepped, self._changed_elsewhere = 0, False
+            else:
+                self._calls_unstepped = getattr(self, "_calls_unstepped", 0) + 1
+                if self._temperature_versions() != last_versions:
+                    self._changed_elsewhere = True
+        calls = getattr(self, "_calls_unstepped", 0)
+        limit = UNSTEPPED_CALLS_WARNING // (2 if getattr(self, "_changed_elsewhere", False) else 1)
+        if calls >= limit:
+            self._warned_after = calls
+            self._steps_warned = True
+            warnings.warn(self._unstepped_message(), UserWarning, stacklevel=5)
+
+    def _temperature_forward_done(self) -> None:
+        self._step_record = (getattr(self, "_own_steps", 0), self._temperature_versions())
+
+    def _unstepped_message(self) -> str:
+        name, n = type(self).__name__, self._warned_after
+        if getattr(self, "_changed_elsewhere", False):
+            what = (
+                "they were changed by another optimizer, one that holds them in its parameter "
+                "groups (e.g. SGD(model.parameters()) of a module that has the loss as an "
+                "attribute), at the model's settings instead of the temperature's"
+            )
+        else:
+            what = "nothing steps them, so the temperature does not learn"
+        return (
+            f"{name}: the trained temperature's parameters were not stepped by their own "
+            f"optimizer over the last {n} training calls: {what}. Give the temperature its own "
+            "optimizer: in Lightning, Trainer(callbacks=[lightly_tau.TrainedTemperature()]); in "
+            "a plain loop, tau_optimizer = criterion.optimizer(), stepped and zeroed beside the "
+            "model's optimizer (which keeps the loss's parameters out). An optimizer you build "
+            "from criterion.param_groups() needs criterion.register_optimizer(opt)."
+        )
+
+
+#: Training calls without a step of the temperature's own optimizer before the warning (half as
+#: many when something else changed the parameters); a few optimizer steps of gradient
+#: accumulation stay below it.
+UNSTEPPED_CALLS_WARNING = 8
 
 
 def check_lr_tau(lr_tau: float) -> float:
@@ -521,9 +653,12 @@ def build_networks(
             f"{loss_name} needs dim=, the dimension of the embeddings its temperature networks "
             "read (e.g. the model's embed_dim)."
         )
-    return nn.ModuleDict(
+    networks = nn.ModuleDict(
         {
             role: TemperatureNetwork(dim, tau_min, tau_max, num_prototypes, dropout, seed + k)
             for k, role in enumerate(roles)
         }
     )
+    for k, net in enumerate(networks.values()):
+        net.dropout_seed = derive_seed(seed, k)  # (seed, role): no overlap between seeds
+    return networks

@@ -38,10 +38,15 @@ def features(seed: int = 0, grad: bool = True) -> tuple[torch.Tensor, torch.Tens
     return a.requires_grad_(grad), b.requires_grad_(grad)
 
 
-def call(loss, host: str, z0, z1, index=None):
+def call(loss, host: str, z0, z1, index=None, backward: bool = True):
+    """One call of the loss, backpropagated (as a training step is) when it has a gradient."""
     if host == "lightly":
-        return loss(z0, z1, index)
-    return loss(z0, z1, torch.tensor(10.0), index=index)
+        value = loss(z0, z1, index)
+    else:
+        value = loss(z0, z1, torch.tensor(10.0), index=index)
+    if backward and value.requires_grad:
+        value.backward()
+    return value
 
 
 def tables(loss) -> dict[str, torch.Tensor]:
@@ -73,10 +78,11 @@ def test_every_loss_has_the_same_interface(host, name):
     index = torch.arange(B)
     loss.set_epoch(3)
     assert loss.epoch == 3
-    value = call(loss, host, z0, z1, index)
-    value.backward()
+    value = call(loss, host, z0, z1, index)  # backpropagated
     stats = loss.stats
-    assert {"objective", "tau_mean"} <= stats.keys()
+    # The same temperature statistics for every loss (DySTreSS: those of every pair).
+    assert {"objective", "tau_mean", "tau_std", "tau_min", "tau_max"} <= stats.keys()
+    assert {"tau_p10", "tau_p50", "tau_p90"} <= stats.keys()
     assert stats["objective"].item() == pytest.approx(value.item(), rel=1e-6)
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
     if name in STATEFUL:

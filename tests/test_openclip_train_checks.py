@@ -418,7 +418,7 @@ def test_table_statistics_are_quantiles_of_the_visited_rows() -> None:
 
     loss = train.ISogCLRClipLoss(num_samples=50, tau_init=0.05, rho=0.5)
     features = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
-    loss(features, features.roll(1, 1), None, index=torch.arange(8) * 3)  # a training step
+    loss(features, features.roll(1, 1), None, index=torch.arange(8) * 3).backward()  # a step
     run_ = train.LossTraining(argparse.Namespace(loss="isogclr", **_no_options()))
     run_.loss = loss
     table = run_.table_stats()

@@ -85,6 +85,9 @@ def test_trains_with_each_loss(script: str, loss: str, data_root: Path, tmp_path
     if loss == "rgclg":
         # The temperature's own AdamW moved the global temperature away from its start.
         assert criterion.temperature != pytest.approx(0.1, abs=1e-7)
+        # by AdamW's steps (each at most about lr_tau), not by the model's SGD at lr 0.06
+        moved = abs(float(criterion.logit_scale) - math.log(10.0))
+        assert moved <= STEPS * criterion.lr_tau * 1.01
     if loss == "tempnet":
         # The network is built from a fixed seed: training moved its parameters.
         fresh = TempNetLoss(NUM_IMAGES, dim=PROJECTION_DIM)

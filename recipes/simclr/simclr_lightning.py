@@ -34,6 +34,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
+from lightly_tau import TrainedTemperature
 from recipes.simclr.common import (
     PROJECTION_DIM,
     RunResult,
@@ -48,9 +49,8 @@ from recipes.simclr.common import (
     save_loss_state,
     simclr_transform,
     takes_index,
-    temperature_optimizer,
 )
-from tau_core import describe_state_memory
+from tau_core import TrainedTemperatureMixin, describe_state_memory
 
 # Shown beside the loss on the progress bar; every statistic goes to TensorBoard.
 PROGRESS_BAR_STATS = ("tau_mean", "tau_positive_mean")
@@ -88,7 +88,6 @@ class SimCLR(pl.LightningModule):
             loss, num_samples, gather_distributed, state_layout, **(loss_options or {})
         )
         self.lr = lr
-        self.tau_optimizer: Optional[torch.optim.Optimizer] = None
         # Indices this process trained on, and each step's loss (on the host, not buffers:
         # DDP would overwrite buffers with rank 0's).
         self.visited = torch.zeros(num_samples, dtype=torch.bool)
@@ -137,17 +136,9 @@ class SimCLR(pl.LightningModule):
             self._epoch_losses.clear()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # The model keeps the example's SGD; a trained temperature (RGCL-g, TempNet) gets its own
-        # AdamW, stepped after the model's (its parameters are left out of the SGD).
-        own = {id(p) for p in self.criterion.parameters()}
-        self.tau_optimizer = temperature_optimizer(self.criterion)
-        model_params = [p for p in self.parameters() if id(p) not in own]
-        return torch.optim.SGD(model_params, lr=self.lr)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
-        if self.tau_optimizer is not None:
-            self.tau_optimizer.step()
-            self.tau_optimizer.zero_grad()
+        # Lightly's example, unchanged: a trained temperature (RGCL-g, TempNet) is stepped by its
+        # own AdamW in the TrainedTemperature callback, and the SGD skips its parameters.
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class SaveLossState(pl.Callback):
@@ -237,7 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
         state_layout=args.state_layout,
     )
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
-    callbacks = [] if args.loss_state_dir is None else [SaveLossState(args.loss_state_dir)]
+    callbacks: list[pl.Callback] = []
+    if args.loss_state_dir is not None:
+        callbacks.append(SaveLossState(args.loss_state_dir))
+    if isinstance(model.criterion, TrainedTemperatureMixin):
+        callbacks.append(TrainedTemperature())  # lightly-tau: the temperature's own AdamW
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         max_steps=-1 if args.max_steps is None else args.max_steps,
