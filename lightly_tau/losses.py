@@ -24,6 +24,7 @@ from tau_core import (
     NetworkTemperature,
     TemperatureNetworkLoss,
     build_networks,
+    check_chunk_size,
     gather_with_grad,
     rank,
 )
@@ -32,14 +33,15 @@ IndexLike = Union[Tensor, Sequence[int]]
 FEATURE_NAMES = ("out0", "out1")
 
 
-def unimodal_blocks(z0: Tensor, z1: Tensor, gather: bool) -> list[AnchorBlock]:
+def unimodal_blocks(z0: Tensor, z1: Tensor, gather: bool, tiled: bool = False) -> list[AnchorBlock]:
     """SimCLR's block: both local views as anchors against both (gathered) views as candidates.
 
     Rows are ``[view0; view1]`` of the local batch, columns ``[view0; view1]`` of the global
     batch; each row's positive is the other view and its own column is left out. Features are
     gathered (one all-gather) with a gradient that sums over ranks in backward, so after DDP's
     averaging the parameter gradient equals one process's on the global batch. ``z0`` and
-    ``z1`` are the two views' L2-normalised float32 features.
+    ``z1`` are the two views' L2-normalised float32 features. ``tiled``: the block carries the
+    candidates instead of the similarities (the loss computes them a tile at a time).
     """
     b = z0.shape[0]
     with torch.autocast(device_type=z0.device.type, enabled=False):
@@ -50,19 +52,28 @@ def unimodal_blocks(z0: Tensor, z1: Tensor, gather: bool) -> list[AnchorBlock]:
             offset = rank() * b
         else:
             candidates, offset = anchors, 0
-        sim = anchors @ candidates.T
+        sim = None if tiled else anchors @ candidates.T
     m = candidates.shape[0] // 2
     local = torch.arange(b, device=z0.device) + offset
     self_col = torch.cat([local, local + m])
     pos_col = torch.cat([local + m, local])
-    return [AnchorBlock(sim, pos_col, self_col, suffix="", views=2, anchors=anchors)]
+    return [
+        AnchorBlock(
+            sim,
+            pos_col,
+            self_col,
+            views=2,
+            anchors=anchors,
+            candidates=candidates if tiled else None,
+        )
+    ]
 
 
 class _UnimodalMixin:
     """SimCLR's blocks and Lightly's ``forward(out0, out1)`` (plus the index)."""
 
     def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
-        return unimodal_blocks(z0, z1, self.gathers())
+        return unimodal_blocks(z0, z1, self.gathers(), self.chunk_size > 0)
 
 
 class _UnimodalGlobalLoss(_UnimodalMixin, GlobalContrastiveLoss):
@@ -129,6 +140,9 @@ class SogCLRLoss(_UnimodalGlobalLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity block: the block is computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -155,6 +169,7 @@ class SogCLRLoss(_UnimodalGlobalLoss):
         gamma_decay_epochs: Optional[int] = None,
         gather_distributed: bool = False,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         super().__init__(
             num_samples,
@@ -164,6 +179,7 @@ class SogCLRLoss(_UnimodalGlobalLoss):
             gather_distributed,
             state_layout=state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
 
     @property
     def temperature(self) -> float:
@@ -225,6 +241,9 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity block: the block is computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -257,6 +276,7 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
         tau_grad_clip: float = 3.0,
         gather_distributed: bool = False,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         super().__init__(
             num_samples,
@@ -266,6 +286,7 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
             gather_distributed,
             state_layout=state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
 
     @property
     def tau(self) -> Tensor:
@@ -321,6 +342,9 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity block: the block is computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -353,6 +377,7 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
         gamma_decay_epochs: Optional[int] = None,
         gather_distributed: bool = False,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         temperature = GlobalTemperature(tau_init, tau_min, tau_max)
         super().__init__(
@@ -363,6 +388,7 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
             gather_distributed,
             state_layout=state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
         self.global_temperature = temperature
         self._init_schedule(lr_tau, lr_tau_drop_below, lr_tau_drop_factor)
 
@@ -419,6 +445,9 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity block: the block is computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -452,6 +481,7 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
         gamma_decay_epochs: Optional[int] = None,
         gather_distributed: bool = False,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         networks = build_networks(
             ("sample",), dim, tau_min, tau_max, num_prototypes, dropout, seed, "TempNetLoss"
@@ -464,6 +494,7 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
             gather_distributed,
             state_layout=state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
         self.temperature_networks = networks
         self._init_schedule(lr_tau, lr_tau_decay)
 
@@ -505,6 +536,9 @@ class DySTreSSLoss(_UnimodalMixin, DySTreSSBase):
             ``tau_max / tau_min`` above about 4.5 raises a warning (see above).
         gather_distributed: If True, the negatives are gathered from all processes, as in
             ``NTXentLoss``. Default False.
+        chunk_size: Anchor rows per tile of the similarity block: the block is computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
         ValueError: If a temperature is not positive or ``tau_min > tau_max``.
@@ -518,9 +552,15 @@ class DySTreSSLoss(_UnimodalMixin, DySTreSSBase):
     """
 
     def __init__(
-        self, tau_min: float = 0.1, *, tau_max: float = 0.2, gather_distributed: bool = False
+        self,
+        tau_min: float = 0.1,
+        *,
+        tau_max: float = 0.2,
+        gather_distributed: bool = False,
+        chunk_size: int = 0,
     ) -> None:
         super().__init__(tau_min, tau_max, gather_distributed)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, out0: Tensor, out1: Tensor, index: Optional[IndexLike] = None) -> Tensor:
         """NT-Xent loss with similarity-dependent temperatures (``index`` is not used).

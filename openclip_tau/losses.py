@@ -25,6 +25,7 @@ from tau_core import (
     NetworkTemperature,
     TemperatureNetworkLoss,
     build_networks,
+    check_chunk_size,
     check_flag,
     gather_with_grad,
     is_distributed,
@@ -37,13 +38,16 @@ ROLES = ("image", "text")
 FEATURE_NAMES = ("image_features", "text_features")
 
 
-def image_text_blocks(zi: Tensor, zt: Tensor, gather: bool) -> list[AnchorBlock]:
+def image_text_blocks(
+    zi: Tensor, zt: Tensor, gather: bool, tiled: bool = False
+) -> list[AnchorBlock]:
     """Local image anchors against gathered texts, and local text anchors against gathered images.
 
     Features are gathered (one all-gather) with a gradient that sums over ranks in backward, so
     after DDP's averaging the parameter gradient equals one process's on the global batch. Each
     block has shape (b, b * world_size) in float32; the positive is the pair's own column.
-    ``zi`` and ``zt`` are the L2-normalised float32 image and text features.
+    ``zi`` and ``zt`` are the L2-normalised float32 image and text features. ``tiled``: the blocks
+    carry the candidates instead of the similarities (the loss computes them a tile at a time).
     """
     b = zi.shape[0]
     with torch.autocast(device_type=zi.device.type, enabled=False):
@@ -53,11 +57,17 @@ def image_text_blocks(zi: Tensor, zt: Tensor, gather: bool) -> list[AnchorBlock]
             offset = process_rank() * b
         else:
             zi_all, zt_all, offset = zi, zt, 0
+    pos_col = torch.arange(b, device=zi.device) + offset
+    if tiled:
+        return [
+            AnchorBlock(None, pos_col, None, suffix="_image", anchors=zi, candidates=zt_all),
+            AnchorBlock(None, pos_col, None, suffix="_text", anchors=zt, candidates=zi_all),
+        ]
+    with torch.autocast(device_type=zi.device.type, enabled=False):
         sim_image = zi @ zt_all.T
         # One process: the text anchors' block is the image block transposed (as in ClipLoss),
         # one matrix product instead of two, forward and backward.
         sim_text = sim_image.T if not gather else zt @ zi_all.T
-    pos_col = torch.arange(b, device=zi.device) + offset
     return [
         AnchorBlock(sim_image, pos_col, None, suffix="_image", anchors=zi),
         AnchorBlock(
@@ -124,7 +134,7 @@ class _ClipMixin:
         return True
 
     def anchor_blocks(self, zi: Tensor, zt: Tensor) -> list[AnchorBlock]:
-        return image_text_blocks(zi, zt, self.gathers())
+        return image_text_blocks(zi, zt, self.gathers(), self.chunk_size > 0)
 
     def _clip_output(
         self,
@@ -248,6 +258,10 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity blocks: they are computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients (``SigLipLoss``'s name
+            for its chunking). Default 0 (one block per role).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -279,6 +293,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
         rank: int = 0,
         world_size: int = 1,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         super().__init__(
             num_samples,
@@ -291,6 +306,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
             world_size,
             state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
 
     @property
     def temperature(self) -> float:
@@ -359,6 +375,10 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity blocks: they are computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients (``SigLipLoss``'s name
+            for its chunking). Default 0 (one block per role).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -396,6 +416,7 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
         rank: int = 0,
         world_size: int = 1,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         super().__init__(
             num_samples,
@@ -408,6 +429,7 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
             world_size,
             state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
 
 
 class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
@@ -465,6 +487,10 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity blocks: they are computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients (``SigLipLoss``'s name
+            for its chunking). Default 0 (one block per role).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -502,6 +528,7 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
         rank: int = 0,
         world_size: int = 1,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         temperature = GlobalTemperature(tau_init, tau_min, tau_max)
         super().__init__(
@@ -515,6 +542,7 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
             world_size,
             state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
         self.global_temperature = temperature
         self._init_schedule(lr_tau, lr_tau_drop_below, lr_tau_drop_factor)
 
@@ -580,6 +608,10 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
         state_layout: Where the per-sample tables live: ``"replicated"`` (every rank holds every
             row) or ``"sharded"`` (rank r holds the rows ``i % world_size == r``; needs a process
             group before the first forward). Default ``"replicated"``.
+        chunk_size: Anchor rows per tile of the similarity blocks: they are computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients (``SigLipLoss``'s name
+            for its chunking). Default 0 (one block per role).
 
     Raises:
         ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
@@ -620,6 +652,7 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
         rank: int = 0,
         world_size: int = 1,
         state_layout: str = "replicated",
+        chunk_size: int = 0,
     ) -> None:
         networks = build_networks(
             ROLES, dim, tau_min, tau_max, num_prototypes, dropout, seed, "TempNetClipLoss"
@@ -635,6 +668,7 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
             world_size,
             state_layout,
         )
+        self.chunk_size = check_chunk_size(chunk_size)
         self.temperature_networks = networks
         self._init_schedule(lr_tau, lr_tau_decay)
 
@@ -670,6 +704,10 @@ class DySTreSSClipLoss(_ClipMixin, DySTreSSBase):
         world_size: Number of processes, an integer >= 1; features are gathered when
             ``world_size > 1``. The state is synchronised across processes in any case.
             Default 1.
+        chunk_size: Anchor rows per tile of the similarity blocks: they are computed and
+            differentiated a tile at a time, so the loss's memory is O(batch * (dim + chunk_size))
+            instead of O(batch ** 2), with the same values and gradients (``SigLipLoss``'s name
+            for its chunking). Default 0 (one block per role).
 
     Raises:
         ValueError: If a temperature is not positive, ``tau_min > tau_max``, ``rank`` /
@@ -693,9 +731,11 @@ class DySTreSSClipLoss(_ClipMixin, DySTreSSBase):
         gather_with_grad: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        chunk_size: int = 0,
     ) -> None:
         self._init_distributed(rank, world_size, local_loss, gather_with_grad)
         super().__init__(tau_min, tau_max, world_size > 1)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(
         self,

@@ -49,6 +49,7 @@ from tau_core.state import (
     save_state_shards,
 )
 from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
+from tau_core.tiled import check_chunk_size, tiled_dystress, tiled_global_contrastive
 from tau_core.trained import (
     GlobalLearnedTemperature,
     GlobalTemperature,
@@ -90,6 +91,7 @@ __all__ = [
     "all_reduce_max",
     "average_gradient_over_ranks",
     "build_networks",
+    "check_chunk_size",
     "check_flag",
     "check_number",
     "check_optional_epochs",
@@ -106,6 +108,8 @@ __all__ = [
     "normalized_float32",
     "rank",
     "temperature_stats",
+    "tiled_dystress",
+    "tiled_global_contrastive",
     "temperature_step",
     "weighted_similarity_sum",
     "with_value",

@@ -68,7 +68,7 @@ class GCLRows:
 
     Attributes:
         coef: (rows, cols) surrogate coefficients: ``w_iz`` at negatives, ``-sum_z w_iz`` at the
-            positive, 0 elsewhere. ``sum(coef * sim) / num_negatives`` is the surrogate, whose
+            positive, 0 elsewhere (None from the tiled path, which never holds them whole). ``sum(coef * sim) / num_negatives`` is the surrogate, whose
             gradient with respect to ``sim`` is ``coef / num_negatives``.
         log_u: (rows,) the new moving average in log space, ``log(u_i)``.
         grad_tau: (rows,) derivative of the row's robust objective with respect to its temperature,
@@ -77,7 +77,7 @@ class GCLRows:
         num_negatives: the number of negatives per row.
     """
 
-    coef: Tensor
+    coef: Optional[Tensor]
     log_u: Tensor
     grad_tau: Tensor
     objective: Tensor
@@ -105,6 +105,16 @@ def _shifted_exp(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     row_max = x.amax(dim=1)
     torch.sub(x, row_max[:, None], out=out).exp_()
     return row_max, out.sum(dim=1)
+
+
+def number_of_negatives(cols: int, self_col: Optional[Tensor]) -> int:
+    """Negatives per row of a block with ``cols`` candidates (a ``ValueError`` if none)."""
+    num_neg = cols - 1 - (0 if self_col is None else 1)
+    if num_neg < 1:
+        raise ValueError(
+            "the (global) batch needs at least 2 samples so that anchors have negatives."
+        )
+    return num_neg
 
 
 @torch.no_grad()
@@ -144,17 +154,12 @@ def global_contrastive_rows(
         rho: KL radius of iSogCLR's robust objective (0 for SogCLR).
         need_grad_tau: compute ``grad_tau`` (iSogCLR) or leave it as zeros (SogCLR).
     """
-    rows, cols = sim.shape
-    num_neg = cols - 1 - (0 if self_col is None else 1)
-    if num_neg < 1:
-        raise ValueError(
-            "the (global) batch needs at least 2 samples so that anchors have negatives."
-        )
+    num_neg = number_of_negatives(sim.shape[1], self_col)
     w = torch.empty_like(sim)
     new_log_u = torch.empty_like(log_u)
     grad_tau = torch.zeros_like(log_u)
     for s_ in _row_slabs(sim):
-        _rows_slab(
+        rows_slab(
             sim[s_],
             pos_col[s_],
             None if self_col is None else self_col[s_],
@@ -172,7 +177,7 @@ def global_contrastive_rows(
     return GCLRows(w, new_log_u, grad_tau, objective, num_neg)
 
 
-def _rows_slab(
+def rows_slab(
     sim: Tensor,
     pos_col: Tensor,
     self_col: Optional[Tensor],
@@ -227,14 +232,15 @@ class DySTreSSRows:
 
     Attributes:
         coef: (rows, cols) gradient of each row's cross-entropy with respect to ``sim``:
-            ``(softmax_ij - [j = pos_i]) / tau_ij``, 0 at the excluded column.
+            ``(softmax_ij - [j = pos_i]) / tau_ij``, 0 at the excluded column (None from the
+            tiled path).
         loss: (rows,) cross-entropy of each row.
         tau_positive: (rows,) temperature of each row's positive pair.
         tau_negative_sum: (rows,) sum of the temperatures of each row's negative pairs.
         num_negatives: the number of negatives per row.
     """
 
-    coef: Tensor
+    coef: Optional[Tensor]
     loss: Tensor
     tau_positive: Tensor
     tau_negative_sum: Tensor
@@ -259,23 +265,44 @@ def dystress_rows(
     tau_pos = torch.empty_like(loss)
     tau_neg_sum = torch.empty_like(loss)
     for s_ in _row_slabs(sim):
-        sim_s, pos_s, out = sim[s_], pos_col[s_], coef[s_]
-        arange = torch.arange(sim_s.shape[0], device=sim.device)
-        tau = dystress_temperature(sim_s, tau_min, tau_max)
-        tau_pos[s_] = tau[arange, pos_s]
-        excluded = tau_pos[s_] + (0 if self_col is None else tau[arange, self_col[s_]])
-        tau_neg_sum[s_] = tau.sum(dim=1) - excluded
-        torch.div(sim_s, tau, out=out)  # the logits
-        logit_pos = out[arange, pos_s]
-        if self_col is not None:
-            out[arange, self_col[s_]] = -math.inf
-        row_max, total = _shifted_exp(out, out=out)
-        loss[s_] = row_max + total.log() - logit_pos
-        # d CE / d sim_ij = (softmax_ij - [j = pos_i]) / tau_ij
-        out.div_(total[:, None])
-        out[arange, pos_s] -= 1.0
-        out.div_(tau)
+        loss[s_], tau_pos[s_], tau_neg_sum[s_] = dystress_slab(
+            sim[s_],
+            pos_col[s_],
+            None if self_col is None else self_col[s_],
+            tau_min,
+            tau_max,
+            coef[s_],
+        )
     return DySTreSSRows(coef, loss, tau_pos, tau_neg_sum, num_neg)
+
+
+def dystress_slab(
+    sim: Tensor,
+    pos_col: Tensor,
+    self_col: Optional[Tensor],
+    tau_min: float,
+    tau_max: float,
+    out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`dystress_rows` for a slab of rows: the coefficients into ``out`` (the slab's view of
+    the caller's block, or a scratch tile), and the rows' loss, positive temperature and sum of
+    negative temperatures."""
+    arange = torch.arange(sim.shape[0], device=sim.device)
+    tau = dystress_temperature(sim, tau_min, tau_max)
+    tau_pos = tau[arange, pos_col]
+    excluded = tau_pos + (0 if self_col is None else tau[arange, self_col])
+    tau_neg_sum = tau.sum(dim=1) - excluded
+    torch.div(sim, tau, out=out)  # the logits
+    logit_pos = out[arange, pos_col]
+    if self_col is not None:
+        out[arange, self_col] = -math.inf
+    row_max, total = _shifted_exp(out, out=out)
+    loss = row_max + total.log() - logit_pos
+    # d CE / d sim_ij = (softmax_ij - [j = pos_i]) / tau_ij
+    out.div_(total[:, None])
+    out[arange, pos_col] -= 1.0
+    out.div_(tau)
+    return loss, tau_pos, tau_neg_sum
 
 
 @torch.no_grad()

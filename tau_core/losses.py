@@ -41,6 +41,7 @@ from tau_core.functional import (
 )
 from tau_core.state import PerSampleState, make_state
 from tau_core.temperature import TemperatureRule
+from tau_core.tiled import tiled_dystress, tiled_global_contrastive
 
 IndexLike = Union[Tensor, Sequence[int]]
 
@@ -121,7 +122,8 @@ class AnchorBlock:
     """One block of anchors against candidates, as an adapter builds it.
 
     Attributes:
-        sim: (rows, cols) cosine similarities, float32, with autograd history.
+        sim: (rows, cols) cosine similarities, float32, with autograd history; None for a tiled
+            block (the loss computes ``anchors @ candidates.T`` a tile of rows at a time).
         pos_col: (rows,) column of each row's positive.
         self_col: (rows,) the row's own column (left out of its negatives), or None.
         suffix: Table suffix of this anchor role ("" unimodal, "_image", "_text").
@@ -131,15 +133,21 @@ class AnchorBlock:
         transpose_of: Position of an earlier block whose ``sim`` this block's is the transpose
             of (image-text in one process), or None. Its surrogate coefficients are then folded
             into that block's, so autograd keeps one block and no transposed copy.
+        candidates: (cols, dim) the candidates' normalised features of a tiled block, or None.
     """
 
-    sim: Tensor
+    sim: Optional[Tensor]
     pos_col: Tensor
     self_col: Optional[Tensor]
     suffix: str = ""
     views: int = 1
     anchors: Optional[Tensor] = None
     transpose_of: Optional[int] = None
+    candidates: Optional[Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return (self.sim if self.sim is not None else self.anchors).device
 
 
 class SurrogateSum:
@@ -152,6 +160,7 @@ class SurrogateSum:
     def __init__(self, blocks: Sequence[AnchorBlock]) -> None:
         self.blocks = blocks
         self.terms: dict[int, tuple[Tensor, float]] = {}
+        self.tiled: list[Tensor] = []  # tiled blocks' sums, already scaled
 
     def add(self, position: int, coef: Tensor, scale: float) -> None:
         primary = self.blocks[position].transpose_of
@@ -162,7 +171,7 @@ class SurrogateSum:
         primary_coef.add_(coef.T, alpha=primary_scale / scale)
 
     def total(self) -> Tensor:
-        out = self.blocks[0].sim.new_zeros(())
+        out = sum(self.tiled, torch.zeros((), device=self.blocks[0].device))
         for position, (coef, scale) in self.terms.items():
             out = out + weighted_similarity_sum(self.blocks[position].sim, coef) / scale
         return out
@@ -203,6 +212,9 @@ class ContrastiveLoss(nn.Module):
 
     #: Whether the loss keeps per-sample state and therefore needs ``index``.
     needs_index = False
+    #: Anchor rows per tile of the similarity block (0: the whole block at once); the adapters'
+    #: losses take it as ``chunk_size=``.
+    chunk_size = 0
 
     def __init__(self, gather_distributed: bool = False) -> None:
         super().__init__()
@@ -520,30 +532,38 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         batch = self.check_batch(names, (out0, out1), index, collective)
         index, valid = batch.index, batch.valid
         blocks = self.anchor_blocks(batch.z0, batch.z1)
-        rows = self.state.read(index, device=blocks[0].sim.device)
+        rows = self.state.read(index, device=blocks[0].device)
         gamma = self.current_gamma
         b = index.numel()
         surrogate_sum = SurrogateSum(blocks)
-        objective = blocks[0].sim.new_zeros(())
+        objective = torch.zeros((), device=blocks[0].device)
         new_rows: dict[str, Tensor] = {}
         temperatures: dict[str, Tensor] = {}
         rule = self.settings
-        temperature_term = blocks[0].sim.new_zeros(())
+        temperature_term = torch.zeros((), device=blocks[0].device)
         for position, block in enumerate(blocks):
             v = block.views
             tau_rows = rule.block_temperature(rows, block.suffix, v, block.anchors)
-            result = global_contrastive_rows(
-                block.sim.detach(),
+            log_u_rows = rows["log_u" + block.suffix]
+            args = (
                 block.pos_col,
                 block.self_col,
                 tau_rows.detach(),
-                rows["log_u" + block.suffix].repeat(v) if v > 1 else rows["log_u" + block.suffix],
-                gamma=gamma,
-                rho=rule.rho,
-                need_grad_tau=rule.learns or rule.trains_temperature,
+                log_u_rows.repeat(v) if v > 1 else log_u_rows,
+                gamma,
+                rule.rho,
+                rule.learns or rule.trains_temperature,
             )
-            scale = result.num_negatives * block.sim.shape[0] * len(blocks)
-            surrogate_sum.add(position, result.coef, scale)
+            if block.sim is None:  # tiled: no (rows, cols) block is ever held
+                term, result = tiled_global_contrastive(
+                    block.anchors, block.candidates, *args, self.chunk_size
+                )
+                scale = result.num_negatives * block.anchors.shape[0] * len(blocks)
+                surrogate_sum.tiled.append(term / scale)
+            else:
+                result = global_contrastive_rows(block.sim.detach(), *args)
+                scale = result.num_negatives * block.sim.shape[0] * len(blocks)
+                surrogate_sum.add(position, result.coef, scale)
             objective = objective + result.objective.mean() / len(blocks)
             if rule.trains_temperature:
                 # d/dtau of the robust objective, pushed through tau's parameters by autograd.
@@ -668,14 +688,20 @@ class DySTreSSBase(ContrastiveLoss):
         batch = self.check_batch(names, (out0, out1), None, is_distributed() and self.gathers())
         blocks = self.anchor_blocks(batch.z0, batch.z1)
         surrogate_sum = SurrogateSum(blocks)
-        value = blocks[0].sim.new_zeros(())
+        value = torch.zeros((), device=blocks[0].device)
         tau_pos = tau_neg = tau_all = 0.0
         for position, block in enumerate(blocks):
-            rows = block.sim.shape[0]
-            result = dystress_rows(
-                block.sim.detach(), block.pos_col, block.self_col, self.tau_min, self.tau_max
-            )
-            surrogate_sum.add(position, result.coef, rows * len(blocks))
+            args = (block.pos_col, block.self_col, self.tau_min, self.tau_max)
+            if block.sim is None:  # tiled: no (rows, cols) block is ever held
+                rows = block.anchors.shape[0]
+                term, result = tiled_dystress(
+                    block.anchors, block.candidates, *args, self.chunk_size
+                )
+                surrogate_sum.tiled.append(term / (rows * len(blocks)))
+            else:
+                rows = block.sim.shape[0]
+                result = dystress_rows(block.sim.detach(), *args)
+                surrogate_sum.add(position, result.coef, rows * len(blocks))
             value = value + result.loss.mean() / len(blocks)
             pos_sum = result.tau_positive.sum()
             neg_sum = result.tau_negative_sum.sum()

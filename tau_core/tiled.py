@@ -1,0 +1,170 @@
+"""Tiled blocks: the losses' similarity block a tile of anchor rows at a time.
+
+Every loss of this package is row-separable: an anchor's moving average, surrogate coefficients,
+temperature gradient and objective need only that anchor's row of the similarity block (SogCLR's
+coefficient of pair (i, j) is ``exp((s_ij - s_ii) / tau_i) / u_i`` with the row's new ``u_i``;
+DySTreSS's temperature is a function of each pair's own similarity). So a tile of ``chunk_size``
+anchor rows against all candidates holds everything its rows need, and the per-row math is the
+untiled path's own (:func:`tau_core.functional.rows_slab`, :func:`tau_core.functional.dystress_slab`).
+
+The surrogate ``sum(coef * sim)`` is linear in ``sim`` with constant ``coef``, so its gradient
+with respect to the features is known as soon as a tile's coefficients are:
+``d/dA[r] = coef_r @ C`` and ``d/dC += coef_r.T @ A[r]`` for anchors ``A`` and candidates ``C``.
+Both are accumulated in the same pass as the forward (three matrix products per tile, as many as
+the untiled forward and backward together), and the backward of :class:`_PrecomputedGradient`
+only scales them by the incoming gradient. Between forward and backward nothing of size
+(rows, cols) is kept: the memory is O((rows + cols) * dim + chunk_size * cols).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from tau_core.functional import (
+    DySTreSSRows,
+    GCLRows,
+    dystress_slab,
+    number_of_negatives,
+    rows_slab,
+)
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """``chunk_size`` as an int >= 0 (0: one untiled block), else a ``ValueError`` naming it."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(
+            "chunk_size must be an integer >= 0 (anchor rows per tile of the similarity block; "
+            f"0 computes the whole block at once), got {chunk_size!r}."
+        )
+    return chunk_size
+
+
+def _tiles(rows: int, chunk_size: int) -> Iterator[slice]:
+    for start in range(0, rows, chunk_size):
+        yield slice(start, min(start + chunk_size, rows))
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A scalar ``value`` whose gradients with respect to ``anchors`` and ``candidates`` were
+    computed with it (the tiled surrogate's); backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        anchors: Tensor,
+        candidates: Tensor,
+        value: Tensor,
+        grad_anchors: Optional[Tensor],
+        grad_candidates: Optional[Tensor],
+    ) -> Tensor:
+        ctx.grads = (grad_anchors, grad_candidates)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        grad_anchors, grad_candidates = ctx.grads
+        if grad_anchors is None:
+            return None, None, None, None, None
+        return grad_anchors * grad, grad_candidates * grad, None, None, None
+
+
+TileFunction = Callable[[slice, Tensor, Tensor], None]
+
+
+def tiled_weighted_sum(
+    anchors: Tensor, candidates: Tensor, chunk_size: int, tile: TileFunction
+) -> Tensor:
+    """``sum(coef * (anchors @ candidates.T))`` tile by tile, with its gradient to both inputs.
+
+    ``tile(rows, sim, coef)`` receives the slice of anchor rows, their float32 similarity tile
+    (not to be changed) and a scratch tile of the same shape to fill with the rows' surrogate
+    coefficients (and records the rows' other results itself). The gradients are computed only
+    when autograd will want them (grad mode on and an input that requires grad).
+    """
+    need_grad = torch.is_grad_enabled() and (anchors.requires_grad or candidates.requires_grad)
+    rows, cols = anchors.shape[0], candidates.shape[0]
+    with torch.no_grad(), torch.autocast(device_type=anchors.device.type, enabled=False):
+        a, c = anchors.detach().float(), candidates.detach().float()
+        grad_a = torch.empty_like(a) if need_grad else None
+        grad_c = torch.zeros_like(c) if need_grad else None
+        value = a.new_zeros(())
+        sim_buffer = a.new_empty(min(chunk_size, rows), cols)
+        coef_buffer = torch.empty_like(sim_buffer)
+        for r in _tiles(rows, chunk_size):
+            n = r.stop - r.start
+            sim, coef = sim_buffer[:n], coef_buffer[:n]
+            torch.mm(a[r], c.T, out=sim)
+            tile(r, sim, coef)
+            value += torch.dot(sim.reshape(-1), coef.reshape(-1))
+            if need_grad:
+                torch.mm(coef, c, out=grad_a[r])
+                grad_c.addmm_(coef.T, a[r])
+    if need_grad:
+        grad_a, grad_c = grad_a.to(anchors.dtype), grad_c.to(candidates.dtype)
+    return _PrecomputedGradient.apply(anchors, candidates, value, grad_a, grad_c)
+
+
+def tiled_global_contrastive(
+    anchors: Tensor,
+    candidates: Tensor,
+    pos_col: Tensor,
+    self_col: Optional[Tensor],
+    tau: Tensor,
+    log_u: Tensor,
+    gamma: float,
+    rho: float,
+    need_grad_tau: bool,
+    chunk_size: int,
+) -> tuple[Tensor, GCLRows]:
+    """:func:`tau_core.functional.global_contrastive_rows` of ``anchors @ candidates.T``, tiled.
+
+    Returns the surrogate ``sum(coef * sim)`` (with its gradient to ``anchors`` and
+    ``candidates``) and the rows' results (``coef`` None: it is never held whole).
+    """
+    num_neg = number_of_negatives(candidates.shape[0], self_col)
+    tau, log_u = tau.detach().float(), log_u.float()
+    new_log_u = torch.empty_like(log_u)
+    grad_tau = torch.zeros_like(log_u)
+
+    def tile(r: slice, sim: Tensor, coef: Tensor) -> None:
+        self_r = None if self_col is None else self_col[r]
+        rows_slab(
+            sim, pos_col[r], self_r, tau[r], log_u[r], gamma, rho, num_neg, need_grad_tau,
+            coef, new_log_u[r], grad_tau[r],
+        )  # fmt: skip
+
+    surrogate = tiled_weighted_sum(anchors, candidates, chunk_size, tile)
+    objective = tau * (new_log_u + rho)
+    return surrogate, GCLRows(None, new_log_u, grad_tau, objective, num_neg)
+
+
+def tiled_dystress(
+    anchors: Tensor,
+    candidates: Tensor,
+    pos_col: Tensor,
+    self_col: Optional[Tensor],
+    tau_min: float,
+    tau_max: float,
+    chunk_size: int,
+) -> tuple[Tensor, DySTreSSRows]:
+    """:func:`tau_core.functional.dystress_rows` of ``anchors @ candidates.T``, tiled.
+
+    Returns the surrogate ``sum(coef * sim)`` (its gradient is the cross-entropy's) and the rows'
+    results (``coef`` None).
+    """
+    rows = anchors.shape[0]
+    num_neg = candidates.shape[0] - 1 - (0 if self_col is None else 1)
+    loss = anchors.new_empty(rows, dtype=torch.float32)
+    tau_pos, tau_neg_sum = torch.empty_like(loss), torch.empty_like(loss)
+
+    def tile(r: slice, sim: Tensor, coef: Tensor) -> None:
+        self_r = None if self_col is None else self_col[r]
+        loss[r], tau_pos[r], tau_neg_sum[r] = dystress_slab(
+            sim, pos_col[r], self_r, tau_min, tau_max, coef
+        )
+
+    surrogate = tiled_weighted_sum(anchors, candidates, chunk_size, tile)
+    return surrogate, DySTreSSRows(None, loss, tau_pos, tau_neg_sum, num_neg)
