@@ -265,6 +265,12 @@ LOSS_OPTIONS = {
         int,
         "seed of the temperature networks' initialisation (the same on every rank)",
     ),
+    "tau_chunk_size": (
+        "chunk_size",
+        int,
+        "anchor rows per tile of the similarity blocks (0: one block); the loss memory is then "
+        "O(batch * (dim + chunk)) instead of O(batch^2), with the same values and gradients",
+    ),
 }
 # Keywords whose option value 0 means None (the feature switched off).
 OFF_AT_ZERO = ("lr_tau_drop_below",)
