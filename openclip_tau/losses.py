@@ -61,7 +61,15 @@ def image_text_blocks(
     if tiled:
         return [
             AnchorBlock(None, pos_col, None, suffix="_image", anchors=zi, candidates=zt_all),
-            AnchorBlock(None, pos_col, None, suffix="_text", anchors=zt, candidates=zi_all),
+            AnchorBlock(
+                None,
+                pos_col,
+                None,
+                "_text",
+                anchors=zt,
+                candidates=zi_all,
+                transpose_of=None if gather else 0,
+            ),
         ]
     with torch.autocast(device_type=zi.device.type, enabled=False):
         sim_image = zi @ zt_all.T

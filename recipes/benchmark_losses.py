@@ -3,6 +3,8 @@
     python -m recipes.benchmark_losses                 # both sides, default sizes
     python -m recipes.benchmark_losses --side lightly --batch-sizes 128 512 2048
     python -m recipes.benchmark_losses --device cuda
+    python -m recipes.benchmark_losses --tiled --side openclip --batch-sizes 4096 16384 \
+        --memory-cap-gib 12 --plot memory.png      # chunk_size > 0 against 0 and ClipLoss
 
 Lightly side: forward+backward of SogCLRLoss, ISogCLRLoss, RGCLGLoss, TempNetLoss and
 DySTreSSLoss against ``lightly.loss.NTXentLoss`` (dimension 128). OpenCLIP side: SogCLRClipLoss,
@@ -23,6 +25,13 @@ memory: a fresh process per loss, the growth of its peak resident set during one
 (with glibc returning large blocks to the system at once, ``MALLOC_MMAP_THRESHOLD_``), or
 ``torch.cuda.max_memory_allocated`` on a GPU. Ratios are against the baseline at the same batch
 size.
+
+``--tiled``: the memory comparison of the tiled losses. Per batch size (image-text 4096 to 65,536
+at dimension 512, unimodal 8192 and 32,768 at 128 by default), the baseline, a loss with
+``chunk_size=0`` and the same loss with ``--chunk-size``, each in a fresh process for its peak
+(and the time of that one step); up to ``--time-up-to`` also interleaved timing rounds, whose
+per-round ratios give the time ratios. ``--memory-cap-gib`` keeps a loss that does not fit from
+swapping a shared machine: it is reported as not fitting.
 """
 
 from __future__ import annotations
@@ -60,6 +69,17 @@ LOSSES = {
 LIBAUC_LOSSES = {"lightly": "LibAUC GCLoss_v1", "openclip": "LibAUC GCLoss_v2"}
 DEFAULT_BATCHES = {"lightly": [128, 512, 2048], "openclip": [256, 1024, 4096]}
 DIMS = {"lightly": 128, "openclip": 512}
+# The tiled comparison: its batch sizes, default chunk size and default loss per side.
+TILED_BATCHES = {"lightly": [8192, 32768], "openclip": [4096, 16384, 32768, 65536]}
+TILED_CHUNK = 256
+TILED_LOSSES = {"lightly": "SogCLRLoss", "openclip": "SogCLRClipLoss"}
+# Published by Inf-CL (Cheng et al., arXiv 2410.17243, CVPR 2025), 8x A800, batch 128k:
+# loss memory (GB) and seconds per iteration, theirs against OpenCLIP's ClipLoss.
+INF_CL_PUBLISHED = {
+    "batch": 131072,
+    "memory_gb": {"ClipLoss": 33.64, "Inf-CL": 0.72},
+    "seconds_per_iteration": {"ClipLoss": 97.9, "Inf-CL": 98.3},
+}
 
 
 def libauc_contrastive() -> Any:
@@ -91,7 +111,11 @@ def losses_of(side: str) -> list[str]:
 def _make_step(
     name: str, batch: int, dim: int, num_samples: int, device: str
 ) -> Callable[[], None]:
+    """One forward+backward of loss ``name`` (``"SogCLRClipLoss@1024"``: with chunk_size 1024)."""
     import torch
+
+    name, _, chunk = name.partition("@")
+    tiling = {"chunk_size": int(chunk)} if chunk else {}
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(batch, dim, generator=g).to(device).requires_grad_()
@@ -111,11 +135,11 @@ def _make_step(
 
         loss = {
             "NTXentLoss": lambda: NTXentLoss(temperature=0.1),
-            "SogCLRLoss": lambda: lightly_tau.SogCLRLoss(num_samples),
-            "ISogCLRLoss": lambda: lightly_tau.ISogCLRLoss(num_samples),
-            "RGCLGLoss": lambda: lightly_tau.RGCLGLoss(num_samples),
-            "TempNetLoss": lambda: lightly_tau.TempNetLoss(num_samples, dim=dim),
-            "DySTreSSLoss": lambda: lightly_tau.DySTreSSLoss(),
+            "SogCLRLoss": lambda: lightly_tau.SogCLRLoss(num_samples, **tiling),
+            "ISogCLRLoss": lambda: lightly_tau.ISogCLRLoss(num_samples, **tiling),
+            "RGCLGLoss": lambda: lightly_tau.RGCLGLoss(num_samples, **tiling),
+            "TempNetLoss": lambda: lightly_tau.TempNetLoss(num_samples, dim=dim, **tiling),
+            "DySTreSSLoss": lambda: lightly_tau.DySTreSSLoss(**tiling),
         }[name]().to(device)
         if name in ("NTXentLoss", "DySTreSSLoss"):
             return lambda: loss(a, b).backward()
@@ -131,11 +155,11 @@ def _make_step(
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     loss = {
         "ClipLoss": lambda: open_clip.ClipLoss(),
-        "SogCLRClipLoss": lambda: openclip_tau.SogCLRClipLoss(num_samples),
-        "ISogCLRClipLoss": lambda: openclip_tau.ISogCLRClipLoss(num_samples),
-        "RGCLGClipLoss": lambda: openclip_tau.RGCLGClipLoss(num_samples),
-        "TempNetClipLoss": lambda: openclip_tau.TempNetClipLoss(num_samples, dim=dim),
-        "DySTreSSClipLoss": lambda: openclip_tau.DySTreSSClipLoss(),
+        "SogCLRClipLoss": lambda: openclip_tau.SogCLRClipLoss(num_samples, **tiling),
+        "ISogCLRClipLoss": lambda: openclip_tau.ISogCLRClipLoss(num_samples, **tiling),
+        "RGCLGClipLoss": lambda: openclip_tau.RGCLGClipLoss(num_samples, **tiling),
+        "TempNetClipLoss": lambda: openclip_tau.TempNetClipLoss(num_samples, dim=dim, **tiling),
+        "DySTreSSClipLoss": lambda: openclip_tau.DySTreSSClipLoss(**tiling),
     }[name]().to(device)
     if name in ("ClipLoss", "DySTreSSClipLoss"):
         return lambda: loss(a, b, scale).backward()
@@ -154,8 +178,24 @@ def _set_threads(device: str) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", "1"))))
 
 
-def child_memory(name: str, batch: int, dim: int, num_samples: int, device: str) -> dict:
-    """Peak memory of one forward+backward, in a process that has run nothing bigger."""
+def _cap_address_space(cap_gib: float) -> None:
+    """Lets this process's address space grow by at most ``cap_gib`` GiB: a loss that does not
+    fit fails with an allocation error instead of pushing a shared machine into swap or OOM."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        virtual = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = virtual + int(cap_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def child_memory(
+    name: str, batch: int, dim: int, num_samples: int, device: str, cap_gib: float = 0.0
+) -> dict:
+    """Peak memory and time of one forward+backward, in a process that has run nothing bigger.
+
+    With ``cap_gib`` (CPU), a step that needs more fails and returns ``{"peak_bytes": None}``.
+    """
     import resource
 
     import torch
@@ -163,19 +203,30 @@ def child_memory(name: str, batch: int, dim: int, num_samples: int, device: str)
     _set_threads(device)
     # Warm up on a tiny batch so that kernels and libraries are loaded before measuring memory.
     _make_step(name, 8, dim, num_samples, device)()
-    step = _make_step(name, batch, dim, num_samples, device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _resident_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"peak_bytes": max(peak, 0)}
+    if cap_gib > 0 and not device.startswith("cuda"):
+        _cap_address_space(cap_gib)
+    try:
+        step = _make_step(name, batch, dim, num_samples, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = _resident_bytes()
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises RuntimeError
+        if "memory" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        return {"peak_bytes": None, "time_s": None}
+    return {"peak_bytes": max(peak, 0), "time_s": elapsed}
 
 
 def child_times(
@@ -228,10 +279,16 @@ def _run(args: argparse.Namespace, child_args: list[str], env: dict[str, str]) -
 
 
 def run_memory(name: str, batch: int, dim: int, num_samples: int, args: argparse.Namespace) -> int:
+    return run_memory_and_time(name, batch, dim, num_samples, args)["peak_bytes"]
+
+
+def run_memory_and_time(
+    name: str, batch: int, dim: int, num_samples: int, args: argparse.Namespace
+) -> dict:
     # glibc returns large blocks to the system at once, so the peak resident set is the peak use.
     child_args = ["--memory-child", name, str(batch), "--dim", str(dim)]
-    child_args += ["--num-samples", str(num_samples)]
-    return _run(args, child_args, {"MALLOC_MMAP_THRESHOLD_": "65536"})["peak_bytes"]
+    child_args += ["--num-samples", str(num_samples), "--memory-cap-gib", str(args.memory_cap_gib)]
+    return _run(args, child_args, {"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 def run_times(
@@ -241,6 +298,104 @@ def run_times(
     child_args = ["--time-child", str(batch), *names, "--dim", str(dim)]
     child_args += ["--num-samples", str(num_samples)]
     return _run(args, child_args, {})
+
+
+def _tiled_rows(side: str, args: argparse.Namespace) -> list[dict]:
+    """Memory and time of the baseline, each loss untiled and each loss tiled, per batch."""
+    dim, rows = DIMS[side], []
+    losses = [n for n in (args.tiled_losses or [TILED_LOSSES[side]]) if n in LOSSES[side]]
+    for batch in args.batch_sizes or TILED_BATCHES[side]:
+        num_samples = max(100_000, batch)
+        names = [BASELINES[side]]
+        names += [n for loss in losses for n in (loss, f"{loss}@{args.chunk_size}")]
+        times = {}
+        if batch <= args.time_up_to:
+            times = run_times(names, batch, dim, num_samples, args)
+        for name in names:
+            measured = run_memory_and_time(name, batch, dim, num_samples, args)
+            row = {"side": side, "loss": name, "batch": batch, "dim": dim, **measured}
+            if name in times:
+                row.update(time_s=times[name]["time_s"], round_ratio=times[name]["ratio"])
+            rows.append(row)
+            _print_tiled_row(row, rows)
+    return rows
+
+
+def _ratio(x: float | None, y: float | None) -> str:
+    return f"{x / y:.3f}" if x and y else "-"
+
+
+def _print_tiled_row(row: dict, rows: list[dict]) -> None:
+    same = [r for r in rows if r["batch"] == row["batch"] and r["side"] == row["side"]]
+    base = same[0]
+    untiled = next((r for r in same if r["loss"] == row["loss"].partition("@")[0]), row)
+    peak = row["peak_bytes"]
+    mib = f"{peak / 2**20:.1f}" if peak is not None else "no fit"
+    seconds = f"{row['time_s']:.3f}" if row["time_s"] is not None else "-"
+    print(
+        f"{row['loss']:<22}{row['batch']:>7}{mib:>11}{_ratio(peak, base['peak_bytes']):>9}"
+        f"{_ratio(peak, untiled['peak_bytes']):>10}{seconds:>10}"
+        f"{_ratio(row['time_s'], base['time_s']):>8}{_ratio(row['time_s'], untiled['time_s']):>10}",
+        flush=True,
+    )
+
+
+def run_tiled(args: argparse.Namespace, sides: list[str]) -> int:
+    """The tiled comparison: a fresh process per (loss, batch) for its peak, times interleaved."""
+    print(
+        f"device {args.device}, {args.threads} thread(s), chunk_size {args.chunk_size}; peak: one "
+        "fresh process per loss and batch; time: median of interleaved rounds up to batch "
+        f"{args.time_up_to} ({args.repeats} rounds), above it the one step of the peak's process"
+    )
+    rows = []
+    for side in sides:
+        print(f"\n{side}: forward+backward, dimension {DIMS[side]}; x base: to {BASELINES[side]}")
+        print(
+            f"{'loss':<22}{'batch':>7}{'peak MiB':>11}{'x base':>9}{'x untiled':>10}"
+            f"{'time s':>10}{'x base':>8}{'x untiled':>10}"
+        )
+        rows += _tiled_rows(side, args)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "inf_cl": INF_CL_PUBLISHED}, indent=1))
+    if args.plot:
+        plot_memory(rows, args.plot)
+    return 0
+
+
+def plot_memory(rows: list[dict], path: Path) -> None:
+    """Peak memory against batch size per loss (log-log), Inf-CL's published pair beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = sorted({r["side"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(sides), figsize=(6.5 * len(sides), 4.5), squeeze=False)
+    for ax, side in zip(axes[0], sides):
+        for loss in dict.fromkeys(r["loss"] for r in rows if r["side"] == side):
+            points = [
+                (r["batch"], r["peak_bytes"] / 2**30)
+                for r in rows
+                if r["side"] == side and r["loss"] == loss and r["peak_bytes"]
+            ]
+            label = loss.replace("@", " chunk_size=") if "@" in loss else loss
+            ax.plot(*zip(*points), marker="o", label=label)
+        if side == "openclip":
+            published = INF_CL_PUBLISHED
+            for name, gb in published["memory_gb"].items():
+                ax.scatter(
+                    [published["batch"]], [gb * 1e9 / 2**30], marker="*", s=120,
+                    label=f"{name}, published by Inf-CL (8x A800, loss memory)",
+                )  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("peak memory of forward+backward (GiB)")
+        ax.set_title(f"{side} (dimension {DIMS[side]})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,13 +410,45 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-child", nargs=2, metavar=("LOSS", "BATCH"), help=argparse.SUPPRESS
     )
     parser.add_argument("--time-child", nargs="+", metavar="BATCH LOSS", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tiled",
+        action="store_true",
+        help="compare the tiled losses (chunk_size > 0) with chunk_size=0 and the baselines at "
+        "large batches (see --chunk-size, --tiled-losses, --time-up-to, --plot)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=TILED_CHUNK, help="chunk_size of the tiled losses"
+    )
+    parser.add_argument(
+        "--tiled-losses",
+        nargs="+",
+        help=f"losses compared tiled and untiled (default {' '.join(TILED_LOSSES.values())})",
+    )
+    parser.add_argument(
+        "--time-up-to",
+        type=int,
+        default=16_384,
+        help="interleaved timing rounds up to this batch; above it one timed step per process",
+    )
+    parser.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=0.0,
+        help="growth of a measuring process's address space at most this (CPU; 0: no cap); a "
+        "loss that needs more is reported as not fitting",
+    )
+    parser.add_argument("--json", type=Path, help="write the tiled comparison's rows here")
+    parser.add_argument("--plot", type=Path, help="plot the tiled comparison's memory here")
     parser.add_argument("--dim", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--num-samples", type=int, default=100_000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_child:
         name, batch = args.memory_child[0], int(args.memory_child[1])
-        print(json.dumps(child_memory(name, batch, args.dim, args.num_samples, args.device)))
+        result = child_memory(
+            name, batch, args.dim, args.num_samples, args.device, args.memory_cap_gib
+        )
+        print(json.dumps(result))
         return 0
     if args.time_child:
         batch, names = int(args.time_child[0]), args.time_child[1:]
@@ -270,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sides = ["lightly", "openclip"] if args.side == "both" else [args.side]
+    if args.tiled:
+        return run_tiled(args, sides)
     print(
         f"device {args.device}, {args.threads} thread(s); time: median of {args.repeats} rounds "
         "with every loss called once per round, ratio taken within each round"

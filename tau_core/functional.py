@@ -194,36 +194,77 @@ def rows_slab(
     """:func:`global_contrastive_rows` for a slab of rows, written into ``w``, ``new_log_u`` and
     ``grad_tau`` (views of the caller's outputs). One scratch block (``d``) of the slab's size."""
     arange = torch.arange(sim.shape[0], device=sim.device)
-    pos_sim = sim[arange, pos_col]
-    # d = (sim - sim_pos) / tau, with excluded columns set so that exp() gives exactly 0.
-    inv_tau = tau.reciprocal()
-    d = torch.addcmul((-pos_sim * inv_tau)[:, None], sim, inv_tau[:, None])
-    d[arange, pos_col] = _EXCLUDED
-    if self_col is not None:
-        d[arange, self_col] = _EXCLUDED
+    d = scaled_differences(sim, pos_col, self_col, tau, arange)
 
     # log g = log mean_z exp(d), with w = exp(d - max) kept for the weights below.
     row_max, total = _shifted_exp(d, out=w)
     log_g = row_max + total.log() - math.log(num_neg)
-    first_visit = torch.isneginf(log_u)
-    gamma_row = torch.where(first_visit, torch.ones_like(log_u), torch.full_like(log_u, gamma))
-    # log((1 - gamma) * u + gamma * g); the first term is -inf on a first visit (gamma 1, u 0).
-    new_log_u.copy_(torch.logaddexp(torch.log1p(-gamma_row) + log_u, torch.log(gamma_row) + log_g))
+    new_log_u.copy_(moving_average_log(log_u, log_g, gamma))
 
     # w = exp(d - log u) = exp(d - max) * exp(max - log u); w <= num_neg / gamma whatever tau is.
     w.mul_((row_max - new_log_u).exp_()[:, None])
     sum_w = w.sum(dim=1)
     if need_grad_tau:
-        # log(u) + rho - mean(w * d) written as rho + log(u) * (1 - mean w) - mean(w * log w):
-        # at tau 0.005 log(u) and mean(w * d) are both near 400, and their float32 difference
-        # would lose about 1e-3 of a gradient of order 1.
         # w * log(w) = w * (d - log u), in place in the scratch block. Elementwise products
         # and sums stay in float32 under autocast (a matmul-based einsum would run in bfloat16:
         # a temperature gradient off by 0.4 at tau 0.005).
         mean_w_log_w = d.sub_(new_log_u[:, None]).mul_(w).sum(dim=1) / num_neg
-        grad_tau.copy_(rho + new_log_u * (1.0 - sum_w / num_neg) - mean_w_log_w)
+        grad_tau.copy_(temperature_gradient(new_log_u, sum_w, mean_w_log_w, rho, num_neg))
     # The positive's coefficient: d/d sim_ip of sum_z w_iz (sim_iz - sim_ip) is -sum_z w_iz.
     w[arange, pos_col] = -sum_w
+
+
+def scaled_differences(
+    sim: Tensor,
+    pos_col: Tensor,
+    self_col: Optional[Tensor],
+    tau: Tensor,
+    arange: Tensor,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``d = (sim - sim_pos) / tau`` row by row, with the positive's and the anchor's own column
+    set so that ``exp(d)`` is exactly 0 there (into ``out`` if given)."""
+    pos_sim = sim[arange, pos_col]
+    inv_tau = tau.reciprocal()
+    d = torch.addcmul((-pos_sim * inv_tau)[:, None], sim, inv_tau[:, None], out=out)
+    d[arange, pos_col] = _EXCLUDED
+    if self_col is not None:
+        d[arange, self_col] = _EXCLUDED
+    return d
+
+
+def moving_average_log(log_u: Tensor, log_g: Tensor, gamma: float) -> Tensor:
+    """``log((1 - gamma) * u + gamma * g)`` from ``log(u)`` and ``log(g)``, with gamma 1 where
+    ``log_u`` is ``-inf`` (a sample never seen; the first term is then -inf)."""
+    first_visit = torch.isneginf(log_u)
+    gamma_row = torch.where(first_visit, torch.ones_like(log_u), torch.full_like(log_u, gamma))
+    return torch.logaddexp(torch.log1p(-gamma_row) + log_u, torch.log(gamma_row) + log_g)
+
+
+def temperature_gradient(
+    log_u: Tensor, sum_w: Tensor, mean_w_log_w: Tensor, rho: float, num_neg: int
+) -> Tensor:
+    """``log(u) + rho - mean_z w_z * d_z`` written as ``rho + log(u) * (1 - mean w) - mean(w *
+    log w)``: at tau 0.005 log(u) and mean(w * d) are both near 400, and their float32
+    difference would lose about 1e-3 of a gradient of order 1."""
+    return rho + log_u * (1.0 - sum_w / num_neg) - mean_w_log_w
+
+
+def row_coefficients(
+    sim: Tensor,
+    pos_col: Tensor,
+    self_col: Optional[Tensor],
+    tau: Tensor,
+    log_u: Tensor,
+    out: Tensor,
+) -> None:
+    """The surrogate coefficients of rows whose new ``log(u)`` is known, into ``out``:
+    ``w_iz = exp(d_iz - log u_i)`` (at most ``num_neg / gamma``, so no overflow) at negatives,
+    ``-sum_z w_iz`` at the positive (as :func:`rows_slab` computes them with ``log u``)."""
+    arange = torch.arange(sim.shape[0], device=sim.device)
+    scaled_differences(sim, pos_col, self_col, tau, arange, out=out)
+    out.sub_(log_u[:, None]).exp_()
+    out[arange, pos_col] = -out.sum(dim=1)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from tau_core.functional import (
 )
 from tau_core.state import PerSampleState, make_state
 from tau_core.temperature import TemperatureRule
-from tau_core.tiled import tiled_dystress, tiled_global_contrastive
+from tau_core.tiled import tiled_dystress, tiled_global_contrastive_blocks
 
 IndexLike = Union[Tensor, Sequence[int]]
 
@@ -148,6 +148,11 @@ class AnchorBlock:
     @property
     def device(self) -> torch.device:
         return (self.sim if self.sim is not None else self.anchors).device
+
+
+def _views(row_values: Tensor, views: int) -> Tensor:
+    """A sample's rows repeated for each of its views (rows ``k * b + i``)."""
+    return row_values.repeat(views) if views > 1 else row_values
 
 
 class SurrogateSum:
@@ -541,29 +546,31 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         temperatures: dict[str, Tensor] = {}
         rule = self.settings
         temperature_term = torch.zeros((), device=blocks[0].device)
-        for position, block in enumerate(blocks):
-            v = block.views
-            tau_rows = rule.block_temperature(rows, block.suffix, v, block.anchors)
-            log_u_rows = rows["log_u" + block.suffix]
-            args = (
-                block.pos_col,
-                block.self_col,
+        taus = [rule.block_temperature(rows, k.suffix, k.views, k.anchors) for k in blocks]
+        block_args = [
+            (
+                k.pos_col,
+                k.self_col,
                 tau_rows.detach(),
-                log_u_rows.repeat(v) if v > 1 else log_u_rows,
+                _views(rows["log_u" + k.suffix], k.views),
                 gamma,
                 rule.rho,
                 rule.learns or rule.trains_temperature,
             )
-            if block.sim is None:  # tiled: no (rows, cols) block is ever held
-                term, result = tiled_global_contrastive(
-                    block.anchors, block.candidates, *args, self.chunk_size
-                )
-                scale = result.num_negatives * block.anchors.shape[0] * len(blocks)
-                surrogate_sum.tiled.append(term / scale)
-            else:
-                result = global_contrastive_rows(block.sim.detach(), *args)
+            for k, tau_rows in zip(blocks, taus)
+        ]
+        if blocks[0].sim is None:  # tiled: no (rows, cols) block is ever held
+            term, results = tiled_global_contrastive_blocks(blocks, block_args, self.chunk_size)
+            surrogate_sum.tiled.append(term)
+        else:
+            results = [
+                global_contrastive_rows(k.sim.detach(), *a) for k, a in zip(blocks, block_args)
+            ]
+            for position, (block, result) in enumerate(zip(blocks, results)):
                 scale = result.num_negatives * block.sim.shape[0] * len(blocks)
                 surrogate_sum.add(position, result.coef, scale)
+        for block, tau_rows, result in zip(blocks, taus, results):
+            v = block.views
             objective = objective + result.objective.mean() / len(blocks)
             if rule.trains_temperature:
                 # d/dtau of the robust objective, pushed through tau's parameters by autograd.

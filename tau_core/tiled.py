@@ -18,17 +18,22 @@ only scales them by the incoming gradient. Between forward and backward nothing 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+import math
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from tau_core.functional import (
+    _EXCLUDED,
     DySTreSSRows,
     GCLRows,
     dystress_slab,
+    moving_average_log,
     number_of_negatives,
+    row_coefficients,
     rows_slab,
+    temperature_gradient,
 )
 
 
@@ -168,3 +173,136 @@ def tiled_dystress(
 
     surrogate = tiled_weighted_sum(anchors, candidates, chunk_size, tile)
     return surrogate, DySTreSSRows(None, loss, tau_pos, tau_neg_sum, num_neg)
+
+
+def tiled_global_contrastive_blocks(
+    blocks: Sequence[Any], block_args: Sequence[tuple], chunk_size: int
+) -> tuple[Tensor, list[GCLRows]]:
+    """The tiled step of a loss's blocks (:class:`tau_core.AnchorBlock` with ``sim`` None).
+
+    ``block_args[k]`` are block ``k``'s arguments of :func:`global_contrastive_rows` after
+    ``sim``. Returns the surrogate, each block's term divided by its scale (negatives times rows
+    times blocks), and each block's rows. A block that is the transpose of another (image-text in
+    one process) is computed with it, from the same tiles (:func:`tiled_global_contrastive_pair`).
+    """
+    surrogate: Optional[Tensor] = None
+    results: list[Optional[GCLRows]] = [None] * len(blocks)
+    for position, block in enumerate(blocks):
+        if block.transpose_of is not None:
+            continue
+        partner = next((k for k, b in enumerate(blocks) if b.transpose_of == position), None)
+        if partner is None:
+            term, results[position] = tiled_global_contrastive(
+                block.anchors, block.candidates, *block_args[position], chunk_size
+            )
+        else:
+            term, results[position], results[partner] = tiled_global_contrastive_pair(
+                block.anchors, block.candidates, block_args[position], block_args[partner],
+                chunk_size,
+            )  # fmt: skip
+        scale = results[position].num_negatives * block.anchors.shape[0] * len(blocks)
+        surrogate = term / scale if surrogate is None else surrogate + term / scale
+    return surrogate, results  # type: ignore[return-value]
+
+
+def _column_statistics(
+    d: Tensor, excluded: tuple[Tensor, Tensor], stats: list[Tensor], need_entropy: bool
+) -> None:
+    """Adds a tile's rows to running column statistics of ``exp(d)`` (``d`` is overwritten):
+    ``stats = [m, s, t]`` with ``m`` the column maxima so far, ``s = sum exp(d - m)`` and
+    ``t = sum exp(d - m) * (d - m)``, rescaled whenever ``m`` grows (an online log-sum-exp)."""
+    col_max, col_sum, col_ent = stats
+    d[excluded] = _EXCLUDED
+    new_max = torch.maximum(col_max, d.amax(dim=0))
+    rescale = (col_max - new_max).exp_()
+    x = d.sub_(new_max)
+    e = torch.exp(x)
+    e[excluded] = 0.0  # a column with nothing but its excluded entry so far has x = 0 there
+    if need_entropy:
+        col_ent.add_((col_max - new_max) * col_sum).mul_(rescale).add_((e * x).sum(dim=0))
+    col_sum.mul_(rescale).add_(e.sum(dim=0))
+    col_max.copy_(new_max)
+
+
+def tiled_global_contrastive_pair(
+    anchors: Tensor,
+    candidates: Tensor,
+    args: tuple,
+    transposed_args: tuple,
+    chunk_size: int,
+) -> tuple[Tensor, GCLRows, GCLRows]:
+    """The step of a block ``S = anchors @ candidates.T`` and of its transpose, from S's row tiles.
+
+    ``args``, ``transposed_args``: each block's arguments of :func:`global_contrastive_rows`
+    after ``sim`` (positives on the diagonal, no excluded own column). The block's rows are
+    :func:`tiled_global_contrastive`'s; the transpose's rows are S's columns, whose statistics
+    (log-sum-exp and, for the temperature gradient, ``sum softmax * log softmax``) accumulate
+    online over the row tiles. The first pass gives both roles' new ``log(u)``; the second
+    recomputes each tile and both roles' coefficients, summed into one tile, so the surrogate
+    costs four matrix products per tile row where two independent blocks would cost six.
+    Returns the surrogate ``sum(coef * S) + sum(coef_t * S.T)`` and the two roles' rows.
+    """
+    pos_col, self_col, tau, log_u, gamma, rho, need_grad_tau = args
+    t_pos, t_self, tau_t, log_u_t, _, _, _ = transposed_args
+    if self_col is not None or t_self is not None:
+        raise ValueError("a transposed pair of blocks has no excluded own column")
+    rows = anchors.shape[0]
+    num_neg = number_of_negatives(rows, None)
+    tau, log_u = tau.detach().float(), log_u.float()
+    inv_tau_t, log_u_t = tau_t.detach().float().reciprocal(), log_u_t.float()
+    new_log_u, grad_tau = torch.empty_like(log_u), torch.zeros_like(log_u)
+    need_grad = torch.is_grad_enabled() and (anchors.requires_grad or candidates.requires_grad)
+    with torch.no_grad(), torch.autocast(device_type=anchors.device.type, enabled=False):
+        a, c = anchors.detach().float(), candidates.detach().float()
+        # The positives' similarities S_jj (the columns' positives), as in the matrix product.
+        diag = torch.einsum("ij,ij->i", a, c)
+        sim_buffer = a.new_empty(min(chunk_size, rows), rows)
+        coef_buffer, scratch = torch.empty_like(sim_buffer), torch.empty_like(sim_buffer)
+        stats = [torch.full_like(diag, _EXCLUDED), torch.zeros_like(diag), torch.zeros_like(diag)]
+        for r in _tiles(rows, chunk_size):
+            sim, coef, d = (x[: r.stop - r.start] for x in (sim_buffer, coef_buffer, scratch))
+            torch.mm(a[r], c.T, out=sim)
+            rows_slab(
+                sim, pos_col[r], None, tau[r], log_u[r], gamma, rho, num_neg, need_grad_tau,
+                coef, new_log_u[r], grad_tau[r],
+            )  # fmt: skip
+            local = torch.arange(r.stop - r.start, device=a.device)
+            excluded = (local, t_pos[r])
+            torch.sub(sim, diag, out=d).mul_(inv_tau_t)
+            _column_statistics(d, excluded, stats, need_grad_tau)
+        col_max, col_sum, col_ent = stats
+        log_total = col_max + col_sum.log()
+        new_log_u_t = moving_average_log(log_u_t, log_total - math.log(num_neg), gamma)
+        sum_w_t = (log_total - new_log_u_t).exp()
+        grad_tau_t = torch.zeros_like(log_u_t)
+        if need_grad_tau:
+            shift = col_max - new_log_u_t
+            mean_w_log_w = shift.exp() * (col_ent + shift * col_sum) / num_neg
+            grad_tau_t = temperature_gradient(new_log_u_t, sum_w_t, mean_w_log_w, rho, num_neg)
+
+        value = a.new_zeros(())
+        grad_a = torch.empty_like(a) if need_grad else None
+        grad_c = torch.zeros_like(c) if need_grad else None
+        for r in _tiles(rows, chunk_size):
+            sim, coef, d = (x[: r.stop - r.start] for x in (sim_buffer, coef_buffer, scratch))
+            torch.mm(a[r], c.T, out=sim)
+            row_coefficients(sim, pos_col[r], None, tau[r], new_log_u[r], out=coef)
+            # The transpose's coefficients at (i, j): exp(d_ij - log u_j), -sum_i w_ij at i = j.
+            local = torch.arange(r.stop - r.start, device=a.device)
+            torch.sub(sim, diag, out=d).mul_(inv_tau_t).sub_(new_log_u_t).exp_()
+            d[local, t_pos[r]] = -sum_w_t[r]
+            coef.add_(d)
+            value += torch.dot(sim.reshape(-1), coef.reshape(-1))
+            if need_grad:
+                torch.mm(coef, c, out=grad_a[r])
+                grad_c.addmm_(coef.T, a[r])
+    if need_grad:
+        grad_a, grad_c = grad_a.to(anchors.dtype), grad_c.to(candidates.dtype)
+    surrogate = _PrecomputedGradient.apply(anchors, candidates, value, grad_a, grad_c)
+    objective = tau * (new_log_u + rho)
+    objective_t = tau_t.detach().float() * (new_log_u_t + rho)
+    return (
+        surrogate,
+        GCLRows(None, new_log_u, grad_tau, objective, num_neg),
+        GCLRows(None, new_log_u_t, grad_tau_t, objective_t, num_neg),
+    )

@@ -114,7 +114,7 @@ def run(
 def assert_same(tiled: dict[str, Any], untiled: dict[str, Any]) -> None:
     close = {"rtol": 2e-5, "atol": 2e-7, "equal_nan": True}
     # Tables and statistics hold differences of order-1 terms (the temperature gradient).
-    loose = {"rtol": 2e-5, "atol": 2e-6, "equal_nan": True}
+    loose = {"rtol": 1e-4, "atol": 1e-5, "equal_nan": True}
     for step in range(len(untiled["value"])):
         torch.testing.assert_close(tiled["value"][step], untiled["value"][step], **close)
         assert len(tiled["grads"][step]) == len(untiled["grads"][step])
