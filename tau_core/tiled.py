@@ -54,7 +54,8 @@ def _tiles(rows: int, chunk_size: int) -> Iterator[slice]:
 
 class _PrecomputedGradient(torch.autograd.Function):
     """A scalar ``value`` whose gradients with respect to ``anchors`` and ``candidates`` were
-    computed with it (the tiled surrogate's); backward scales them by the incoming gradient."""
+    computed with it (the tiled surrogate's); backward scales them by the incoming gradient, in
+    place, so a second backward pass through the same graph raises (as the untiled one does)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -70,10 +71,17 @@ class _PrecomputedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        if ctx.grads is None:
+            raise RuntimeError(
+                "backward ran twice through the same contrastive loss graph; its gradients are "
+                "used up by the first backward pass. Compute the loss again."
+            )
         grad_anchors, grad_candidates = ctx.grads
+        ctx.grads = None
         if grad_anchors is None:
             return None, None, None, None, None
-        return grad_anchors * grad, grad_candidates * grad, None, None, None
+        # Scaled in place: no second copy of the (rows + cols) x dim gradients.
+        return grad_anchors.mul_(grad), grad_candidates.mul_(grad), None, None, None
 
 
 TileFunction = Callable[[slice, Tensor, Tensor], None]
