@@ -222,3 +222,23 @@ def test_tiled_equals_untiled_on_two_ranks(tmp_path: Any) -> None:
         for per_rank in results:
             for chunk in DISTRIBUTED_CHUNKS:
                 assert_same(per_rank[(name, chunk)], per_rank[(name, 0)])
+
+
+@pytest.mark.parametrize("loss", ["sogclr", "isogclr", "rgclg", "tempnet", "dystress"])
+def test_train_option_passes_chunk_size(loss: str) -> None:
+    from openclip_tau import train
+
+    options, rest = train.parse_loss_args(["--loss", loss, "--tau-chunk-size", "512", "--x", "1"])
+    assert rest == ["--x", "1"]
+    built = train.build_loss(loss, train.loss_kwargs(options), num_samples=8, dim=4)
+    assert built.chunk_size == 512
+    assert train.build_loss(loss, {}, num_samples=8, dim=4).chunk_size == 0
+
+
+def test_train_option_rejects_a_negative_chunk_size(capsys: pytest.CaptureFixture) -> None:
+    from openclip_tau import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_loss_args(["--loss", "sogclr", "--tau-chunk-size", "-1"])
+    assert exit_info.value.code == 2
+    assert "--tau-chunk-size must be an integer >= 0" in capsys.readouterr().err
