@@ -382,10 +382,10 @@ def plot_memory(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*points), marker="o", label=label)
         if side == "openclip":
             published = INF_CL_PUBLISHED
-            for name, gb in published["memory_gb"].items():
+            for (name, gb), color in zip(published["memory_gb"].items(), ("black", "grey")):
                 ax.scatter(
-                    [published["batch"]], [gb * 1e9 / 2**30], marker="*", s=120,
-                    label=f"{name}, published by Inf-CL (8x A800, loss memory)",
+                    [published["batch"]], [gb * 1e9 / 2**30], marker="*", s=140, color=color,
+                    label=f"{name}: Inf-CL's published figure (8x A800, loss memory)",
                 )  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
