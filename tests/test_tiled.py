@@ -263,3 +263,21 @@ def test_tiled_image_text_at_small_temperatures(cls: type) -> None:
         out.append([value, *torch.autograd.grad(value, [f0, f1]), *tables])
     for got, want in zip(*out):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_benchmark_tiled_mode_runs(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+    """The benchmark's tiled comparison at a tiny size: rows, ratios, the JSON and the plot."""
+    import json
+
+    from recipes import benchmark_losses
+
+    out, plot = tmp_path / "rows.json", tmp_path / "memory.png"
+    argv = ["--tiled", "--side", "lightly", "--batch-sizes", "64", "--repeats", "1"]
+    argv += ["--chunk-size", "16", "--json", str(out), "--plot", str(plot)]
+    assert benchmark_losses.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["loss"] for r in rows] == ["NTXentLoss", "SogCLRLoss", "SogCLRLoss@16"]
+    assert all(r["peak_bytes"] is not None and r["time_s"] > 0 for r in rows)
+    assert plot.stat().st_size > 0
+    assert "SogCLRLoss@16" in capsys.readouterr().out
