@@ -734,10 +734,17 @@ class DySTreSSBase(ContrastiveLoss):
         every pair, or evenly spaced rows' pairs beyond ``STATS_PAIRS`` of them."""
         parts = []
         for block in blocks:
-            rows, cols = block.sim.shape
+            tiled = block.sim is None
+            rows, cols = (
+                (block.anchors.shape[0], block.candidates.shape[0]) if tiled else block.sim.shape
+            )
             step = max(1, math.ceil(rows * cols / (STATS_PAIRS // len(blocks))))
-            picked = torch.arange(0, rows, step, device=block.sim.device)
-            sim = block.sim.detach()[picked]
+            picked = torch.arange(0, rows, step, device=block.device)
+            if tiled:  # the picked rows' similarities only
+                with torch.no_grad(), torch.autocast(block.device.type, enabled=False):
+                    sim = block.anchors.detach()[picked] @ block.candidates.detach().T
+            else:
+                sim = block.sim.detach()[picked]
             keep = torch.ones_like(sim, dtype=torch.bool)
             if block.self_col is not None:
                 keep[torch.arange(picked.numel(), device=sim.device), block.self_col[picked]] = (
