@@ -20,15 +20,9 @@ from lightly.transforms.simclr_transform import SimCLRTransform
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from lightly_tau import (
-    DySTreSSLoss,
-    IndexedDataset,
-    ISogCLRLoss,
-    RGCLGLoss,
-    SogCLRLoss,
-    TempNetLoss,
-)
+from lightly_tau import IndexedDataset, registry
 from recipes.fashion_mnist import prepare_torchvision_raw
+from tau_core.options import LossOption, class_options
 
 # The scripts' and tests' name for it: gunzips Debian's files for torchvision's FashionMNIST.
 prepare_fashion_mnist = prepare_torchvision_raw
@@ -36,40 +30,40 @@ prepare_fashion_mnist = prepare_torchvision_raw
 # Output size of the examples' projection head (SimCLRProjectionHead(num_features, 512, 128)).
 PROJECTION_DIM = 128
 
-LOSSES = ("ntxent", "sogclr", "isogclr", "rgclg", "tempnet", "dystress")
-# Which hyperparameter flags each loss accepts (argument names of the loss classes).
-LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ntxent": ("temperature",),
-    "sogclr": ("temperature", "gamma", "gamma_decay_epochs"),
-    "isogclr": (
-        "rho",
-        "tau_init",
-        "tau_min",
-        "tau_max",
-        "eta",
-        "beta",
-        "gamma",
-        "gamma_decay_epochs",
-        "tau_grad_clip",
-    ),
-    "rgclg": ("rho", "tau_init", "tau_min", "tau_max", "lr_tau", "gamma", "gamma_decay_epochs"),
-    "tempnet": ("rho", "tau_min", "tau_max", "lr_tau", "gamma", "gamma_decay_epochs"),
-    "dystress": ("tau_min", "tau_max"),
-}
-# Flag type and help text; every default is None so that each loss keeps its own default.
-_OPTION_FLAGS: dict[str, tuple[type, str]] = {
-    "temperature": (float, "temperature (ntxent: default 0.5, sogclr: default 0.1)"),
-    "gamma": (float, "moving-average weight in (0, 1] (sogclr 0.9, isogclr 0.8)"),
-    "gamma_decay_epochs": (int, "cosine decay of gamma from 1.0 over this many epochs"),
-    "rho": (float, "isogclr: KL radius, larger gives smaller temperatures (default 0.3)"),
-    "tau_init": (float, "isogclr: initial per-sample temperature (default 0.1)"),
-    "tau_min": (float, "lower temperature bound (isogclr 0.05, dystress 0.1)"),
-    "tau_max": (float, "upper temperature bound (isogclr 1.0, dystress 0.2)"),
-    "eta": (float, "isogclr: temperature step size (default 0.03)"),
-    "beta": (float, "isogclr: weight of the new temperature gradient in (0, 1] (default 0.5)"),
-    "tau_grad_clip": (float, "isogclr: bound of the temperature gradient (default 3.0)"),
-    "lr_tau": (float, "rgclg, tempnet: the temperature's own AdamW step size (2e-4, 3e-5)"),
-}
+# Lightly's NT-Xent (the example's loss) and every loss of lightly_tau's registry; a loss added
+# to the registry is offered here with its options.
+HOST_LOSSES: dict[str, type] = {"ntxent": NTXentLoss}
+LOSSES = (*HOST_LOSSES, *registry.LOSSES)
+
+
+def loss_options_of(name: str) -> dict[str, LossOption]:
+    """The hyperparameters ``--loss name`` accepts (read from the loss class)."""
+    if name in HOST_LOSSES:
+        return {"temperature": class_options(NTXentLoss)["temperature"]}
+    return registry.options(name)
+
+
+# Hyperparameters named like a flag of the scripts get the prefix ``loss-`` (TempNet's seed).
+RESERVED = frozenset({"seed", "lr", "epochs", "batch_size", "devices", "accelerator"})
+
+
+def option_dest(keyword: str) -> str:
+    """The argparse dest of a loss hyperparameter (``tau_min``, ``loss_seed``)."""
+    return "loss_" + keyword if keyword in RESERVED else keyword
+
+
+def option_table() -> dict[str, tuple[type, str]]:
+    """Keyword -> (type, help naming each loss that takes it and its default)."""
+    table: dict[str, tuple[type, list[str], str]] = {}
+    for name in LOSSES:
+        for keyword, option in loss_options_of(name).items():
+            kind, users, text = table.get(keyword, (option.kind, [], option.help))
+            users.append(f"{name} {'off' if option.default is None else option.default}")
+            table[keyword] = (kind, users, text or option.help)
+    return {
+        kw: (kind, f"{text} (default: {', '.join(users)})")
+        for kw, (kind, users, text) in table.items()
+    }
 
 
 def simclr_transform(input_size: int = 32) -> Callable[[Any], list[Tensor]]:
@@ -150,56 +144,34 @@ def build_loss(
 ) -> nn.Module:
     """The SimCLR loss chosen by ``--loss``: Lightly's ``NTXentLoss`` or one of lightly_tau's.
 
-    This is the swap in Lightly's example: the stateful losses (``sogclr``, ``isogclr``) also
-    need the dataset size, and their forward takes the batch's dataset indices.
+    This is the swap in Lightly's example: the stateful losses also need the dataset size, and
+    their forward takes the batch's dataset indices.
 
     Args:
-        name: One of ``ntxent``, ``sogclr``, ``isogclr``, ``dystress``.
+        name: One of :data:`LOSSES`.
         num_samples: ``len(dataset)``; the size of the per-sample state.
         gather_distributed: Gather negatives (and the state updates) from all processes.
         state_layout: ``replicated`` or ``sharded`` per-sample tables (stateful losses).
-        options: Hyperparameters of the chosen loss (see ``LOSS_OPTIONS``).
+        options: Hyperparameters of the chosen loss (see :func:`loss_options_of`).
     """
-    if name not in LOSS_OPTIONS:
+    if name not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}.")
-    unknown = sorted(set(options) - set(LOSS_OPTIONS[name]))
+    unknown = sorted(set(options) - set(loss_options_of(name)))
     if unknown:
         raise ValueError(
             f"{', '.join(unknown)} do not apply to loss {name!r}; it accepts "
-            f"{', '.join(LOSS_OPTIONS[name])}."
+            f"{', '.join(loss_options_of(name))}."
         )
-    if name == "ntxent":
-        return NTXentLoss(gather_distributed=gather_distributed, **options)
-    if name == "sogclr":
-        return SogCLRLoss(
-            num_samples,
-            gather_distributed=gather_distributed,
-            state_layout=state_layout,
-            **options,
-        )
-    if name == "isogclr":
-        return ISogCLRLoss(
-            num_samples,
-            gather_distributed=gather_distributed,
-            state_layout=state_layout,
-            **options,
-        )
-    if name == "rgclg":
-        return RGCLGLoss(
-            num_samples,
-            gather_distributed=gather_distributed,
-            state_layout=state_layout,
-            **options,
-        )
-    if name == "tempnet":
-        return TempNetLoss(
-            num_samples,
-            dim=PROJECTION_DIM,
-            gather_distributed=gather_distributed,
-            state_layout=state_layout,
-            **options,
-        )
-    return DySTreSSLoss(gather_distributed=gather_distributed, **options)
+    if name in HOST_LOSSES:
+        return HOST_LOSSES[name](gather_distributed=gather_distributed, **options)
+    return registry.build(
+        name,
+        num_samples,
+        dim=PROJECTION_DIM,
+        gather_distributed=gather_distributed,
+        state_layout=state_layout,
+        **options,
+    )
 
 
 def takes_index(criterion: nn.Module) -> bool:
@@ -228,8 +200,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "loss hyperparameters (unset: the loss's own default; each applies to some losses only)"
     )
-    for option, (kind, help_text) in _OPTION_FLAGS.items():
-        group.add_argument(f"--{option.replace('_', '-')}", type=kind, default=None, help=help_text)
+    for option, (kind, help_text) in option_table().items():
+        flag = "--" + option_dest(option).replace("_", "-")
+        group.add_argument(flag, dest=option_dest(option), type=kind, default=None, help=help_text)
     parser.add_argument(
         "--data-root",
         default="datasets",
@@ -275,11 +248,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def loss_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The hyperparameter flags that were given; a flag the chosen loss lacks is an error."""
-    given = {name: getattr(args, name) for name in _OPTION_FLAGS if getattr(args, name) is not None}
-    wrong = [name for name in given if name not in LOSS_OPTIONS[args.loss]]
+    accepted = loss_options_of(args.loss)
+    values = {name: getattr(args, option_dest(name)) for name in option_table()}
+    given = {name: value for name, value in values.items() if value is not None}
+    wrong = [name for name in given if name not in accepted]
     if wrong:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in wrong)
-        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in LOSS_OPTIONS[args.loss])
+        flags = ", ".join(f"--{option_dest(name).replace('_', '-')}" for name in wrong)
+        allowed = ", ".join(f"--{option_dest(name).replace('_', '-')}" for name in accepted)
         parser.error(f"{flags} do not apply to --loss {args.loss}; it accepts {allowed}.")
     return given
 
