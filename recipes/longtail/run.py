@@ -31,6 +31,7 @@ from recipes.longtail.data import (
     load_long_tail_data,
 )
 from recipes.longtail.evaluate import evaluate_features, raw_pixel_features
+from recipes.longtail.losses import registry_settings
 from recipes.longtail.models import BACKBONES
 from recipes.longtail.presets import PRESETS, smoke_defaults
 from recipes.longtail.report import run_row, summary_rows, summary_table, write_report
@@ -300,22 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="period of the cosine schedule in epochs (default: a fifth of the "
         "run, the published 400 of 2000 epochs)",
     )
-    losses.add_argument("--sogclr-gamma", type=_float, default=0.9)
-    losses.add_argument(
-        "--isogclr-eta",
-        type=_float,
-        default=0.2,
-        help="temperature step size; the published CIFAR recipe uses 0.03 over "
-        "400 epochs, too slow to move the temperatures in a short run",
-    )
-    losses.add_argument("--isogclr-rho", type=_float, default=0.4)
-    losses.add_argument("--isogclr-beta", type=_float, default=0.5)
-    losses.add_argument("--isogclr-gamma", type=_float, default=0.8)
-    losses.add_argument("--isogclr-tau-init", type=_float, default=0.1)
-    losses.add_argument("--isogclr-tau-min", type=_float, default=0.05)
-    losses.add_argument("--isogclr-tau-max", type=_float, default=1.0)
-    losses.add_argument("--dystress-tau-min", type=_float, default=0.07)
-    losses.add_argument("--dystress-tau-max", type=_float, default=0.2)
+    add_registry_options(losses)
     losses.add_argument(
         "--macl-temperature", type=_float, default=0.1, help="MACL's base temperature tau_0"
     )
@@ -335,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="neighbours of the local density (per-sample temperature analysis)",
     )
     return parser
+
+
+# Help beside a registry option, where the recipe has more to say than the class.
+OPTION_NOTES = {
+    "isogclr_eta": "the published CIFAR recipe uses 0.03 over 400 epochs, too slow to move the "
+    "temperatures in a short run",
+}
+
+
+def add_registry_options(group: argparse._ArgumentGroup) -> None:
+    """``--<loss>-<keyword>`` for each hyperparameter of lightly_tau's registry (type, default
+    and help read from the class; the recipe's default where :data:`RECIPE_DEFAULTS` has one)."""
+    for name, (_, _, option, default) in registry_settings().items():
+        kind = _float if option.kind is float else option.kind
+        text = "; ".join(t for t in (option.help, OPTION_NOTES.get(name, "")) if t)
+        group.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=default, help=text or None
+        )
 
 
 def _dataset_choice(
@@ -654,16 +658,7 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         cosine_tau_min=args.cosine_tau_min,
         cosine_tau_max=args.cosine_tau_max,
         cosine_period_epochs=args.cosine_period if args.cosine_period else args.epochs / 5,
-        sogclr_gamma=args.sogclr_gamma,
-        isogclr_rho=args.isogclr_rho,
-        isogclr_eta=args.isogclr_eta,
-        isogclr_beta=args.isogclr_beta,
-        isogclr_gamma=args.isogclr_gamma,
-        isogclr_tau_init=args.isogclr_tau_init,
-        isogclr_tau_min=args.isogclr_tau_min,
-        isogclr_tau_max=args.isogclr_tau_max,
-        dystress_tau_min=args.dystress_tau_min,
-        dystress_tau_max=args.dystress_tau_max,
+        **{name: getattr(args, name) for name in registry_settings()},
         macl_temperature=args.macl_temperature,
         macl_alpha=args.macl_alpha,
         macl_a0=args.macl_a0,

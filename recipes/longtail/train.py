@@ -16,25 +16,18 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from lightly.loss import DCLLoss, MACLLoss, NTXentLoss
 from lightly.utils.lars import LARS
-from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
+from lightly.utils.scheduler import CosineWarmupScheduler
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightly_tau import (
-    DySTreSSLoss,
     IndexedDataset,
-    ISogCLRLoss,
-    RGCLGLoss,
-    SogCLRLoss,
-    TempNetLoss,
 )
 from recipes.longtail.augment import (
     AugmentSettings,
@@ -48,265 +41,18 @@ from recipes.longtail.evaluate import (
     extract_features,
     temperature_by_class,
 )
+from recipes.longtail.losses import (  # noqa: F401  (re-exported: the recipe's loss names)
+    DEFAULT_LOSSES,
+    LOSS_LABELS,
+    LOSS_REGISTRY,
+    LOSSES,
+    LossSettings,
+    LossSpec,
+    cosine_temperature,
+)
 from recipes.longtail.models import SimCLRModel
 from recipes.temperature_analysis import knn_density
 
-
-@dataclass
-class LossSettings:
-    """Settings of the losses (the report lists them with the results)."""
-
-    temperature: float = 0.1
-    cosine_tau_min: float = 0.1
-    cosine_tau_max: float = 1.0
-    cosine_period_epochs: float = 3.0
-    sogclr_gamma: float = 0.9
-    isogclr_rho: float = 0.4
-    isogclr_eta: float = 0.2
-    isogclr_beta: float = 0.5
-    isogclr_gamma: float = 0.8
-    isogclr_tau_init: float = 0.1
-    isogclr_tau_min: float = 0.05
-    isogclr_tau_max: float = 1.0
-    dystress_tau_min: float = 0.07
-    dystress_tau_max: float = 0.2
-    macl_temperature: float = 0.1
-    macl_alpha: float = 0.5
-    macl_a0: float = 0.0
-    # RGCL-g and TempNet (lightly_tau's unimodal defaults); their temperatures are trained by
-    # their own AdamW (see SimCLRRun.configure_optimizers).
-    rgclg_rho: float = 0.4
-    rgclg_tau_init: float = 0.1
-    rgclg_lr_tau: float = 2e-4
-    tempnet_rho: float = 0.4
-    tempnet_lr_tau: float = 3e-5
-    # Input size of TempNet's network: the projection head's output (set by the run).
-    embedding_dim: int = 128
-
-    def temperature_bounds(self, loss: str) -> tuple[float, float]:
-        """The range every temperature of ``loss`` must stay in."""
-        return LOSS_REGISTRY[loss].bounds(self)
-
-
-BatchTemperature = Callable[[nn.Module, Tensor, Tensor], "tuple[Tensor, Optional[Tensor]]"]
-
-
-def stats_temperature(loss: nn.Module, z0: Tensor, z1: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """The batch temperature a ``lightly_tau`` loss reports in ``stats``: ``tau_mean`` (and
-    ``tau_positive_mean`` where the loss has one). The default of :class:`LossSpec`."""
-    stats = loss.stats  # type: ignore[attr-defined]
-    return stats["tau_mean"], stats.get("tau_positive_mean")
-
-
-def fixed_temperature(loss: nn.Module, z0: Tensor, z1: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """The loss's ``temperature`` attribute (NT-Xent, its cosine schedule, DCL)."""
-    return torch.tensor(float(loss.temperature)), None  # type: ignore[attr-defined]
-
-
-def dystress_temperature(
-    loss: nn.Module, z0: Tensor, z1: Tensor
-) -> tuple[Tensor, Optional[Tensor]]:
-    """DySTreSS: mean temperature of the negative pairs, and of the positive pairs."""
-    stats = loss.stats  # type: ignore[attr-defined]
-    return stats["tau_negative_mean"], stats["tau_positive_mean"]
-
-
-def macl_temperature(loss: nn.Module, z0: Tensor, z1: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """MACL's model-aware temperature of the batch, recomputed as Lightly's ``MACLLoss`` does.
-
-    ``t = tau_0 * (1 + alpha * (A - A_0))`` with ``A`` the batch's mean positive cosine
-    similarity (Huang et al., ICML 2023, arXiv 2207.07874; ``lightly/loss/macl_loss.py``:
-    ``A = mean(pos)`` over both directions, which is the mean of ``cos(z0_i, z1_i)``).
-    """
-    with torch.no_grad():
-        alignment = F.cosine_similarity(z0.float(), z1.float(), dim=1).mean()
-    return loss.temperature * (1 + loss.alpha * (alignment - loss.A_0)), None  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """One entry of :data:`LOSS_REGISTRY`: how to build a loss and read its temperature.
-
-    Adding a loss to the recipe is one entry: a label, the options that set it (named in
-    errors), ``build(settings, num_samples, gather_distributed)``, what kind of temperature it
-    has (a phrase for the report), the range its temperatures stay in, a settings line for the
-    report, whether it takes the dataset index, and how to read the batch's temperature after a
-    step (``batch_temperature(loss, z0, z1)``: the temperature applied to negatives' logits and,
-    where it differs, to positives'; the default reads ``stats["tau_mean"]``). ``per_sample``
-    marks losses whose ``tau`` attribute is a per-sample temperature table (the report relates
-    it to class frequency and local density). ``before_step(loss, settings, step,
-    steps_per_epoch, max_steps)`` sets a schedule before each step.
-    """
-
-    label: str
-    flags: str
-    build: Callable[[LossSettings, int, bool], nn.Module]
-    temperature_kind: str
-    bounds: Callable[[LossSettings], tuple[float, float]]
-    describe: Callable[[LossSettings], str]
-    uses_index: bool = False
-    per_sample: bool = False
-    batch_temperature: BatchTemperature = stats_temperature
-    before_step: Optional[Callable[[nn.Module, LossSettings, int, int, int], None]] = None
-
-
-def cosine_temperature(
-    settings: LossSettings, step: int, steps_per_epoch: int, max_steps: int
-) -> float:
-    """Kukleva et al.'s schedule, ``tau_max`` at step 0, ``tau_min`` half a period later."""
-    s = settings
-    period = max(1, round(s.cosine_period_epochs * steps_per_epoch))
-    return cosine_schedule(step, max_steps, s.cosine_tau_max, s.cosine_tau_min, period)
-
-
-def _set_cosine_temperature(
-    loss: nn.Module, settings: LossSettings, step: int, steps_per_epoch: int, max_steps: int
-) -> None:
-    loss.temperature = cosine_temperature(settings, step, steps_per_epoch, max_steps)
-
-
-def _fixed(s: LossSettings) -> tuple[float, float]:
-    return s.temperature, s.temperature
-
-
-LOSS_REGISTRY: dict[str, LossSpec] = {
-    "ntxent": LossSpec(
-        label="NT-Xent",
-        flags="--temperature",
-        build=lambda s, n, g: NTXentLoss(temperature=s.temperature, gather_distributed=g),
-        temperature_kind="fixed",
-        bounds=_fixed,
-        describe=lambda s: f"Lightly NTXentLoss, temperature {s.temperature:g}",
-        batch_temperature=fixed_temperature,
-    ),
-    "ntxent-cosine": LossSpec(
-        label="NT-Xent + cosine tau",
-        flags="--cosine-tau-*",
-        build=lambda s, n, g: NTXentLoss(temperature=s.cosine_tau_max, gather_distributed=g),
-        temperature_kind="scheduled (cosine, per step)",
-        bounds=lambda s: (s.cosine_tau_min, s.cosine_tau_max),
-        describe=lambda s: (
-            f"temperature from {s.cosine_tau_max:g} down to {s.cosine_tau_min:g} and back every "
-            f"{s.cosine_period_epochs:g} epochs (Kukleva et al.: 400 epochs in a 2000-epoch run; "
-            "here the same five cycles per run unless --cosine-period is given), per step with "
-            "lightly.utils.scheduler.cosine_schedule"
-        ),
-        batch_temperature=fixed_temperature,
-        before_step=_set_cosine_temperature,
-    ),
-    "macl": LossSpec(
-        label="MACL",
-        flags="--macl-*",
-        build=lambda s, n, g: MACLLoss(
-            temperature=s.macl_temperature, alpha=s.macl_alpha, A_0=s.macl_a0
-        ),
-        temperature_kind="model-aware: tau_0 (1 + alpha (A - A_0)) from the batch's alignment A",
-        bounds=lambda s: (
-            s.macl_temperature * (1 + s.macl_alpha * (-1 - s.macl_a0)),
-            s.macl_temperature * (1 + s.macl_alpha * (1 - s.macl_a0)),
-        ),
-        describe=lambda s: (
-            f"Lightly MACLLoss, tau_0 {s.macl_temperature:g}, alpha {s.macl_alpha:g}, "
-            f"A_0 {s.macl_a0:g} (Lightly's defaults; no gathering across processes)"
-        ),
-        batch_temperature=macl_temperature,
-    ),
-    "dcl": LossSpec(
-        label="DCL",
-        flags="--temperature",
-        build=lambda s, n, g: DCLLoss(temperature=s.temperature, gather_distributed=g),
-        temperature_kind="fixed (positive left out of the denominator)",
-        bounds=_fixed,
-        describe=lambda s: f"Lightly DCLLoss, temperature {s.temperature:g}, no weighting",
-        batch_temperature=fixed_temperature,
-    ),
-    "sogclr": LossSpec(
-        label="SogCLR",
-        flags="--temperature/--sogclr-*",
-        build=lambda s, n, g: SogCLRLoss(
-            num_samples=n, temperature=s.temperature, gamma=s.sogclr_gamma, gather_distributed=g
-        ),
-        temperature_kind="fixed (global)",
-        bounds=_fixed,
-        describe=lambda s: f"temperature {s.temperature:g}, gamma {s.sogclr_gamma:g}",
-        uses_index=True,
-    ),
-    "isogclr": LossSpec(
-        label="iSogCLR",
-        flags="--isogclr-*",
-        build=lambda s, n, g: ISogCLRLoss(
-            num_samples=n,
-            rho=s.isogclr_rho,
-            tau_init=s.isogclr_tau_init,
-            tau_min=s.isogclr_tau_min,
-            tau_max=s.isogclr_tau_max,
-            eta=s.isogclr_eta,
-            beta=s.isogclr_beta,
-            gamma=s.isogclr_gamma,
-            gather_distributed=g,
-        ),
-        temperature_kind="learned, one per sample",
-        bounds=lambda s: (s.isogclr_tau_min, s.isogclr_tau_max),
-        describe=lambda s: (
-            f"rho {s.isogclr_rho:g}, eta {s.isogclr_eta:g}, beta {s.isogclr_beta:g}, gamma "
-            f"{s.isogclr_gamma:g}, tau_init {s.isogclr_tau_init:g}, range "
-            f"[{s.isogclr_tau_min:g}, {s.isogclr_tau_max:g}]"
-        ),
-        uses_index=True,
-        per_sample=True,
-    ),
-    "rgclg": LossSpec(
-        label="RGCL-g",
-        flags="--rgclg-* (LossSettings)",
-        build=lambda s, n, g: RGCLGLoss(
-            num_samples=n,
-            rho=s.rgclg_rho,
-            tau_init=s.rgclg_tau_init,
-            lr_tau=s.rgclg_lr_tau,
-            gather_distributed=g,
-        ),
-        temperature_kind="learned, one global (DRO)",
-        bounds=lambda s: (0.05, 1.0),
-        describe=lambda s: (
-            f"rho {s.rgclg_rho:g}, tau_init {s.rgclg_tau_init:g} in [0.05, 1], "
-            f"its own AdamW lr {s.rgclg_lr_tau:g}"
-        ),
-        uses_index=True,
-    ),
-    "tempnet": LossSpec(
-        label="TempNet",
-        flags="--tempnet-* (LossSettings)",
-        build=lambda s, n, g: TempNetLoss(
-            num_samples=n,
-            dim=s.embedding_dim,
-            rho=s.tempnet_rho,
-            lr_tau=s.tempnet_lr_tau,
-            gather_distributed=g,
-        ),
-        temperature_kind="predicted per sample by a network",
-        bounds=lambda s: (0.05, 0.5),
-        describe=lambda s: (
-            f"rho {s.tempnet_rho:g}, tau in [0.05, 0.5], network's own AdamW lr "
-            f"{s.tempnet_lr_tau:g} (x0.9 per epoch)"
-        ),
-        uses_index=True,
-    ),
-    "dystress": LossSpec(
-        label="DySTreSS",
-        flags="--dystress-*",
-        build=lambda s, n, g: DySTreSSLoss(
-            tau_min=s.dystress_tau_min, tau_max=s.dystress_tau_max, gather_distributed=g
-        ),
-        temperature_kind="per pair, from its similarity",
-        bounds=lambda s: (s.dystress_tau_min, s.dystress_tau_max),
-        describe=lambda s: f"tau_min {s.dystress_tau_min:g}, tau_max {s.dystress_tau_max:g}",
-        batch_temperature=dystress_temperature,
-    ),
-}
-LOSSES = tuple(LOSS_REGISTRY)
-LOSS_LABELS = {name: spec.label for name, spec in LOSS_REGISTRY.items()}
-# The main job's comparison; the others run with --losses (e.g. --losses all).
-DEFAULT_LOSSES = ("ntxent", "ntxent-cosine", "macl", "sogclr", "isogclr", "dystress")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 
 
