@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOSSES = ("clip", "siglip", "sogclr", "isogclr", "rgclg", "tempnet", "dystress")
 SMOKE_LOSS_OPTIONS = {
     "isogclr": ["--tau-rho", "0.3", "--tau-init", "0.05", "--tau-eta", "0.1"],
     # The published rho 7 exceeds log(31) at the smoke batch as well (see iSogCLR's note).
@@ -144,6 +143,8 @@ def run_smoke(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from openclip_tau.registry import loss_choices  # every --loss of openclip_tau.train
+
     parser = argparse.ArgumentParser(
         prog="python -m recipes.cc3m.smoke",
         description=__doc__.split("\n\n")[0],
@@ -154,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--losses",
         nargs="+",
-        choices=LOSSES,
+        choices=loss_choices(),
         default=["isogclr"],
         help="losses to train (the analysis needs isogclr; tempnet adds the held-out analysis)",
     )
