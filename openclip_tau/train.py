@@ -90,7 +90,7 @@ import re
 import shutil
 import sys
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import open_clip
 import open_clip_train.main as upstream_main
@@ -114,13 +114,7 @@ from openclip_tau.data import (
     tarfile_to_samples_nothrow,
 )
 from openclip_tau.key_index import KeyIndex, expand_shards, load_key_index, shard_name
-from openclip_tau.losses import (
-    DySTreSSClipLoss,
-    ISogCLRClipLoss,
-    RGCLGClipLoss,
-    SogCLRClipLoss,
-    TempNetClipLoss,
-)
+from openclip_tau.registry import LOSSES, LossSpec, Temperature, loss_options, off_at_zero
 from tau_core import (
     STATE_LAYOUTS,
     ShardedPerSampleState,
@@ -130,150 +124,15 @@ from tau_core import (
     save_state_shards,
 )
 
-Temperature = Union[float, Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """One ``--loss`` choice of openclip_tau (an entry of :data:`LOSSES`).
-
-    Attributes:
-        cls: The loss class; built with the ``--tau-*`` keywords it accepts, ``rank``,
-            ``world_size``, ``num_samples`` when stateful, and ``local_loss`` /
-            ``gather_with_grad`` when its signature has them.
-        stateful: Keeps a per-sample table indexed by the dataset index (needs indexed data,
-            checkpointed state).
-        temperature: ``run -> tau`` (float or 0-d tensor, or None when not known yet): the
-            summary temperature written into the model's ``logit_scale`` as ln(1/tau).
-        temperature_rule: One line saying how that temperature is chosen (logged, documented).
-        logit_scale: ``run -> ln(1/tau)`` as a tensor, copied into the model's ``logit_scale``
-            instead of ``ln(1/temperature)`` when the loss keeps that parameter itself (RGCL-g).
-    """
-
-    cls: type
-    stateful: bool
-    temperature: Callable[[LossTraining], Optional[Temperature]]
-    temperature_rule: str
-    logit_scale: Optional[Callable[[LossTraining], Tensor]] = None
-
-    @property
-    def trains_temperature(self) -> bool:
-        """Whether the loss has temperature parameters stepped by the run's optimizer."""
-        return hasattr(self.cls, "param_groups")
-
-
-# Adding a loss is one entry here (its --tau-* options are the keywords of LOSS_OPTIONS its
-# constructor accepts).
-LOSSES: dict[str, LossSpec] = {
-    "sogclr": LossSpec(
-        SogCLRClipLoss,
-        stateful=True,
-        temperature=lambda run: run.loss.temperature,
-        temperature_rule="1/--tau-temperature",
-    ),
-    "isogclr": LossSpec(
-        ISogCLRClipLoss,
-        stateful=True,
-        temperature=lambda run: run.table_median,
-        temperature_rule="1/median of the per-sample temperatures of the visited rows, image and "
-        "text tables pooled, recomputed at every epoch start and end",
-    ),
-    "dystress": LossSpec(
-        DySTreSSClipLoss,
-        stateful=False,
-        # Until an epoch's first step the scale keeps its value (the last epoch's, also after a
-        # resume); before the run's first step it is 1/tau_max.
-        temperature=lambda run: run.stat_mean(
-            "tau_positive_mean", run.option("tau_max") if run.epoch == 0 else None
-        ),
-        temperature_rule="1/mean temperature of the positive pairs over the epoch's steps so far "
-        "(1/tau_max before the first step)",
-    ),
-    "rgclg": LossSpec(
-        RGCLGClipLoss,
-        stateful=True,
-        temperature=lambda run: run.loss.temperature,
-        temperature_rule="1/the learned global temperature (the loss's logit_scale, copied)",
-        logit_scale=lambda run: run.loss.logit_scale.detach(),
-    ),
-    "tempnet": LossSpec(
-        TempNetClipLoss,
-        stateful=True,
-        temperature=lambda run: run.table_median,
-        temperature_rule="1/median of the temperatures predicted at the last visit of the "
-        "visited rows, image and text tables pooled, recomputed at every epoch start and end "
-        "(unchanged before the first visit)",
-    ),
-}
 LOSS_CHOICES = ("clip", "siglip", *LOSSES)
 LOSS_CLASSES = {name: spec.cls for name, spec in LOSSES.items()}
 STATEFUL_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.stateful)
 
 
-def _float_or_off(text: str) -> float:
-    """A float option where ``0``, ``none`` or ``off`` switch the feature off (read as 0.0)."""
-    if text.strip().lower() in ("none", "off"):
-        return 0.0
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-
-
-# --tau-* option -> (keyword of the loss class, type, help); the default shown is the class's.
-LOSS_OPTIONS = {
-    "tau_temperature": ("temperature", float, "global temperature"),
-    "tau_gamma": ("gamma", float, "moving-average weight of u, in (0, 1]"),
-    "tau_gamma_decay_epochs": (
-        "gamma_decay_epochs",
-        int,
-        "epochs of FastCLIP's cosine decay of gamma from 1 to --tau-gamma",
-    ),
-    "tau_init": ("tau_init", float, "initial per-sample temperature"),
-    "tau_min": ("tau_min", float, "lower temperature bound"),
-    "tau_max": ("tau_max", float, "upper temperature bound"),
-    "tau_rho": ("rho", float, "KL radius (larger gives smaller temperatures)"),
-    "tau_eta": ("eta", float, "temperature step size"),
-    "tau_beta": ("beta", float, "weight of the new temperature gradient in its momentum"),
-    "tau_grad_clip": ("tau_grad_clip", float, "bound of the temperature gradient"),
-    "tau_lr": (
-        "lr_tau",
-        float,
-        "learning rate of the temperature's parameters (their own optimizer group, weight "
-        "decay 0; the model's --lr schedule does not apply to it)",
-    ),
-    "tau_lr_drop_below": (
-        "lr_tau_drop_below",
-        _float_or_off,
-        "the temperature's learning rate is multiplied by --tau-lr-drop-factor while the "
-        "temperature is at or below this value (0 or none: never)",
-    ),
-    "tau_lr_drop_factor": (
-        "lr_tau_drop_factor",
-        float,
-        "factor of the temperature's learning rate below --tau-lr-drop-below, in (0, 1]",
-    ),
-    "tau_lr_decay": (
-        "lr_tau_decay",
-        float,
-        "factor per epoch of the temperature networks' learning rate, in (0, 1]",
-    ),
-    "tau_prototypes": ("num_prototypes", int, "prototypes per temperature network"),
-    "tau_dropout": ("dropout", float, "dropout rate of the temperature networks, in [0, 1)"),
-    "tau_seed": (
-        "seed",
-        int,
-        "seed of the temperature networks' initialisation (the same on every rank)",
-    ),
-    "tau_chunk_size": (
-        "chunk_size",
-        int,
-        "anchor rows per tile of the similarity blocks (0: one block); the loss memory is then "
-        "O(batch * (dim + chunk)) instead of O(batch^2), with the same values and gradients",
-    ),
-}
+# --tau-* option -> (keyword of the loss class, type, help), read from the registry's classes.
+LOSS_OPTIONS = loss_options()
 # Keywords whose option value 0 means None (the feature switched off).
-OFF_AT_ZERO = ("lr_tau_drop_below",)
+OFF_AT_ZERO = off_at_zero()
 # Float options where inf means something (no upper bound, no clipping); every other --tau-*
 # number must be finite.
 INFINITY_ALLOWED = ("tau_max", "tau_grad_clip")
