@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from recipes import fashion_mnist
+from recipes.seeds import derive_seed
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
 CLASS_ORDERS = ("natural", "permuted")
@@ -443,7 +444,9 @@ def load_long_tail_data(
         train_targets, num_classes, imbalance, class_order, data_seed, max_per_class
     )
     test_index = balanced_indices(test_targets, num_classes, test_per_class, data_seed)
-    probe_index = balanced_indices(train_targets, num_classes, probe_per_class, data_seed + 1)
+    # Its own stream: with data_seed + 1 it drew the permutations of the next data seed's subset.
+    probe_seed = derive_seed(data_seed, "probe")
+    probe_index = balanced_indices(train_targets, num_classes, probe_per_class, probe_seed)
     if test_index.numel() < test_targets.numel():
         per_class = test_index.numel() // num_classes
         notes.append(f"The test split was subsampled to {per_class} images per class.")

@@ -51,6 +51,7 @@ from recipes.longtail.losses import (  # noqa: F401  (re-exported: the recipe's 
     cosine_temperature,
 )
 from recipes.longtail.models import SimCLRModel
+from recipes.seeds import SeededShuffleSampler
 from recipes.temperature_analysis import knn_density
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
@@ -336,14 +337,19 @@ def train_loader(
     else:
         transform = augment.lightly_transform(data.mean, data.std)
         dataset = IndexedDataset(LightlyViews(data.train, transform))
+    # One process: one shuffle stream seeded by the run's seed. Several: each epoch's order from
+    # its own derived seed, split over the ranks (Lightning's DistributedSampler would use
+    # seed + epoch, so that neighbouring seeds share all but one epoch's order).
+    sampler = SeededShuffleSampler(dataset, seed) if settings.devices > 1 else None
     return DataLoader(
         dataset,
         batch_size=settings.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=True,
         num_workers=settings.workers,
         persistent_workers=settings.workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+        generator=None if sampler else torch.Generator().manual_seed(seed),
     )
 
 
@@ -397,6 +403,7 @@ def train_and_evaluate(
         else [],
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        use_distributed_sampler=False,  # train_loader's sampler splits the data over ranks
         limit_train_batches=settings.steps_per_epoch or 1.0,
     )
     loader = train_loader(data, settings, augment_settings, seed)

@@ -35,6 +35,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightly_tau import TrainedTemperature
+from recipes.seeds import SeededShuffleSampler
 from recipes.simclr.common import (
     PROJECTION_DIM,
     RunResult,
@@ -207,7 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=True,
+        # Each epoch's order from its own seed derived from (--seed, epoch), split over the
+        # devices (Lightning's DistributedSampler would use seed + epoch: overlapping seeds).
+        sampler=SeededShuffleSampler(dataset, args.seed),
         drop_last=True,
         num_workers=args.num_workers,
     )
@@ -241,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
         strategy=args.strategy,
         # SyncBatchNorm needs GPUs; Lightly's distributed example turns it on there.
         sync_batchnorm=distributed and accelerator == "gpu",
-        use_distributed_sampler=True,
+        use_distributed_sampler=False,
         logger=TensorBoardLogger(args.log_dir, name=f"simclr_{args.loss}"),
         log_every_n_steps=args.log_every,
         callbacks=callbacks,
