@@ -31,8 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import to_pil_image
 
 from recipes.longtail.data import ImageSet
-
-AUGMENTATIONS = ("batched", "lightly")
+from recipes.longtail.names import AUGMENTATIONS  # noqa: F401
 
 # RGB to YIQ; hue jitter rotates the (I, Q) chroma plane.
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

@@ -26,10 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from recipes import fashion_mnist
+from recipes.longtail.names import CLASS_ORDERS, DATASETS  # noqa: F401
 from recipes.seeds import derive_seed
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
-CLASS_ORDERS = ("natural", "permuted")
 GROUP_NAMES = ("head", "middle", "tail")
 
 NATIVE_IMAGE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}

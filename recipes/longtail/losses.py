@@ -4,13 +4,13 @@ Lightly's ``NTXentLoss`` with a fixed temperature, the same with the cosine temp
 of Kukleva et al. (ICLR 2023), ``MACLLoss`` (model-aware temperature) and ``DCLLoss`` are this
 recipe's entries; every loss of :data:`lightly_tau.registry.LOSSES` joins them with one
 ``--NAME-KEYWORD`` option per hyperparameter (type, default and help text read from the class)
-and its bounds read from the class. :data:`RECIPE_DEFAULTS` lists where this recipe's defaults
+and its bounds read from the class. :data:`RECIPE_DEFAULTS` (in ``settings``) lists where this recipe's defaults
 differ from the classes' (short runs), :data:`NOTES` the report's wording per loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,68 +20,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightly_tau import registry
-
-# Where the recipe's default differs from the class's: iSogCLR's rho and eta move the
-# temperatures within a short run (see the report's eta note), DySTreSS the CIFAR recipe's 0.07.
-RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "isogclr": {"rho": 0.4, "eta": 0.2},
-    "dystress": {"tau_min": 0.07},
-}
-# Hyperparameters set by one of the recipe's shared options instead of a per-loss one.
-SHARED: dict[str, dict[str, str]] = {"sogclr": {"temperature": "temperature"}}
-
-
-@dataclass
-class _RecipeLossSettings:
-    """The recipe's own loss settings (Lightly's losses, the schedule, TempNet's input size)."""
-
-    temperature: float = 0.1
-    cosine_tau_min: float = 0.1
-    cosine_tau_max: float = 1.0
-    cosine_period_epochs: float = 3.0
-    macl_temperature: float = 0.1
-    macl_alpha: float = 0.5
-    macl_a0: float = 0.0
-    # Input size of TempNet's network: the projection head's output (set by the run).
-    embedding_dim: int = 128
-
-    def temperature_bounds(self, loss: str) -> tuple[float, float]:
-        """The range every temperature of ``loss`` must stay in."""
-        return LOSS_REGISTRY[loss].bounds(self)  # type: ignore[arg-type]
-
-
-def registry_settings() -> dict[str, tuple[str, str, registry.LossOption, Any]]:
-    """``field -> (loss, keyword, option, default)`` for each hyperparameter of the registry."""
-    fields = {}
-    for name in registry.LOSSES:
-        for keyword, option in registry.options(name).items():
-            if keyword in SHARED.get(name, {}):
-                continue
-            default = RECIPE_DEFAULTS.get(name, {}).get(keyword, option.default)
-            fields[f"{name}_{keyword}"] = (name, keyword, option, default)
-    return fields
-
-
-LossSettings = make_dataclass(
-    "LossSettings",
-    [
-        (f, Optional[o.kind] if o.optional else o.kind, field(default=d))
-        for f, (_, _, o, d) in registry_settings().items()
-    ],
-    bases=(_RecipeLossSettings,),
+from recipes.longtail.names import DEFAULT_LOSSES, HOST_LOSS_NAMES  # noqa: F401
+from recipes.longtail.settings import (  # noqa: F401
+    RECIPE_DEFAULTS,
+    SHARED,
+    LossSettings,
+    hyperparameters,
+    registry_settings,
 )
-LossSettings.__doc__ = (
-    "Settings of the losses (the report lists them with the results): the recipe's own, and "
-    "``<loss>_<keyword>`` for each hyperparameter of lightly_tau's registry."
-)
-LossSettings.__module__ = __name__
-
-
-def hyperparameters(name: str, settings: Any) -> dict[str, Any]:
-    """The keywords of registry loss ``name`` from ``settings``."""
-    shared = SHARED.get(name, {})
-    return {kw: getattr(settings, shared.get(kw, f"{name}_{kw}")) for kw in registry.options(name)}
-
 
 BatchTemperature = Callable[[nn.Module, Tensor, Tensor], "tuple[Tensor, Optional[Tensor]]"]
 
@@ -310,5 +256,4 @@ def _ordered() -> dict[str, LossSpec]:
 LOSS_REGISTRY: dict[str, LossSpec] = _ordered()
 LOSSES = tuple(LOSS_REGISTRY)
 LOSS_LABELS = {name: spec.label for name, spec in LOSS_REGISTRY.items()}
-# The main job's comparison; the others run with --losses (e.g. --losses all).
-DEFAULT_LOSSES = ("ntxent", "ntxent-cosine", "macl", "sogclr", "isogclr", "dystress")
+assert tuple(HOST_LOSSES) == HOST_LOSS_NAMES, "recipes.longtail.names lists Lightly's losses"

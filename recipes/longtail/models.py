@@ -7,7 +7,7 @@ import torchvision
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor, nn
 
-BACKBONES = ("convnet", "resnet18")
+from recipes.longtail.names import BACKBONES  # noqa: F401
 
 
 class SmallConvNet(nn.Module):

@@ -26,11 +26,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from PIL import Image
-
-from recipes.longtail.data import standin_images
-
 _CIFAR_RECIPE: dict[str, Any] = {
     "backbone": "resnet18",
     "optimizer": "lars",
@@ -110,6 +105,11 @@ def write_standin_folder(folder: Path, num_classes: int) -> Path:
     ``SMOKE_MAX_PER_CLASS`` training and ``SMOKE_VAL_PER_CLASS`` validation images per class,
     the first of each class in the stand-in's order. Written once; a complete tree is reused.
     """
+    import torch
+    from PIL import Image
+
+    from recipes.longtail.data import standin_images
+
     done = folder / ".complete"
     if done.is_file():
         return folder

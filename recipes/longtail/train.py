@@ -51,10 +51,9 @@ from recipes.longtail.losses import (  # noqa: F401  (re-exported: the recipe's 
     cosine_temperature,
 )
 from recipes.longtail.models import SimCLRModel
+from recipes.longtail.names import OPTIMIZERS  # noqa: F401
 from recipes.seeds import SeededShuffleSampler
 from recipes.temperature_analysis import knn_density
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 
 
 @dataclass
