@@ -28,24 +28,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import torch
+from recipes.longtail.cli import DEFAULT_EPOCHS, loss_names
 
-from recipes.longtail.augment import AugmentSettings
-from recipes.longtail.data import DatasetUnavailable, load_long_tail_data
-from recipes.longtail.report import write_csv
-from recipes.longtail.run import (
-    DEFAULT_EPOCHS,
-    Job,
-    RunContext,
-    available_cores,
-    resolve_precision,
-    run_parallel,
-    run_sequential,
-)
-from recipes.longtail.train import LOSS_LABELS, LOSSES, LossSettings, RunResult, TrainSettings
-from recipes.temperature_analysis import pyplot
+if TYPE_CHECKING:
+    from recipes.longtail.train import RunResult
 
 PROFILES = ("long-tailed", "balanced")
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
@@ -83,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-sizes", nargs="+", type=_positive_int, default=list(DEFAULT_BATCH_SIZES)
     )
-    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(DEFAULT_SWEEP_LOSSES))
+    parser.add_argument(
+        "--losses", nargs="+", choices=loss_names(), default=list(DEFAULT_SWEEP_LOSSES)
+    )
     parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS)
@@ -125,6 +115,8 @@ def parse_options(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argpars
 # --------------------------------------------------------------------------- tables
 def sweep_row(profile: str, result: RunResult) -> dict[str, Any]:
     """One flat row per run."""
+    from recipes.longtail.losses import LOSS_LABELS
+
     return {
         "profile": profile,
         "loss": result.loss,
@@ -143,6 +135,8 @@ def sweep_row(profile: str, result: RunResult) -> dict[str, Any]:
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation over seeds per (profile, loss, batch size)."""
+    from recipes.longtail.losses import LOSS_LABELS
+
     keys = list(dict.fromkeys((r["profile"], r["loss"], r["batch_size"]) for r in rows))
     out = []
     for profile, loss, batch in keys:
@@ -169,6 +163,8 @@ def batch_effect(
 ) -> list[dict[str, Any]]:
     """Per profile and loss: accuracy at the smallest minus at the largest batch size (points),
     with the mean seed-to-seed standard deviation of that profile and loss for scale."""
+    from recipes.longtail.losses import LOSS_LABELS
+
     out = []
     for profile, loss in dict.fromkeys((r["profile"], r["loss"]) for r in summary):
         mine = sorted(
@@ -210,6 +206,9 @@ def effect_sentence(effect: dict[str, Any]) -> str:
 def plot_sweep(path: Path, summary: Sequence[dict[str, Any]], profiles: Sequence[str]) -> None:
     """Accuracy against batch size (log-2 axis), one panel per profile, one colour per loss:
     linear probe solid, kNN dashed, error bars the standard deviation over seeds."""
+    from recipes.longtail.losses import LOSS_LABELS
+    from recipes.temperature_analysis import pyplot
+
     plt = pyplot()
     fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.2), squeeze=False)
     cmap = plt.get_cmap("tab10")
@@ -261,6 +260,8 @@ def _metric_table(
     summary: list[dict], losses: list[str], batches: list[int], profile: str, metric: str
 ) -> list[str]:
     """Markdown rows of ``metric`` (mean ± sd over seeds) per loss and batch size, one profile."""
+    from recipes.longtail.losses import LOSS_LABELS
+
     lines = ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
     lines += ["|---|" + "---|" * len(batches)]
     for loss in losses:
@@ -317,6 +318,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, args = parse_options(argv)
     started = time.time()
+    # The heavy imports come after parsing, so --help and bad options answer at once.
+    import torch
+
+    from recipes.longtail.augment import AugmentSettings
+    from recipes.longtail.data import DatasetUnavailable, load_long_tail_data
+    from recipes.longtail.report import write_csv
+    from recipes.longtail.run import (
+        Job,
+        RunContext,
+        available_cores,
+        resolve_precision,
+        run_parallel,
+        run_sequential,
+    )
+    from recipes.longtail.train import LossSettings, TrainSettings
+
     if args.imbalance < 1:
         parser.error(f"--imbalance must be >= 1, got {args.imbalance:g}.")
     if any(b < 2 for b in args.batch_sizes):
