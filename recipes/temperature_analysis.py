@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 # Permutations of the Spearman p-value unless a caller asks for another count.
 DEFAULT_PERMUTATIONS = 20000
@@ -39,23 +40,9 @@ _DEGENERATE_WIDTH = 1e-3
 
 # ----------------------------------------------------------------------------- correlation
 def average_ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``values``, ties given the average of the ranks they span.
-
-    Average ranks are what Spearman's correlation with ties needs: its value is then the Pearson
-    correlation of the two rank vectors. ``[10, 20, 20, 30]`` gets ``[1, 2.5, 2.5, 4]``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    # Start of each run of equal values in sorted order; the run [start, end) gets the mean of
-    # the 1-based ranks start + 1 .. end.
-    boundaries = np.flatnonzero(np.diff(sorted_values) != 0) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(values)]))
-    run_ranks = 0.5 * (starts + ends - 1) + 1.0
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat(run_ranks, ends - starts)
-    return ranks
+    """Ranks 1..n of ``values``, ties given the average of the ranks they span
+    (``scipy.stats.rankdata``): ``[10, 20, 20, 30]`` gets ``[1, 2.5, 2.5, 4]``."""
+    return stats.rankdata(np.asarray(values, dtype=np.float64), method="average")
 
 
 def spearman(
@@ -66,12 +53,13 @@ def spearman(
 ) -> tuple[float, float]:
     """Spearman's rank correlation of ``x`` and ``y`` and its two-sided permutation p-value.
 
-    rho is the Pearson correlation of the average ranks (:func:`average_ranks`), so ties are
-    handled. The p-value is ``(1 + #{|rho_perm| >= |rho|}) / (1 + permutations)`` over
-    ``permutations`` seeded random re-pairings of the ranks: it makes no distributional
-    assumption and is valid for any n, but it cannot be smaller than ``1 / (1 + permutations)``
-    and costs ``permutations`` shuffles of n values. ``permutations=0`` skips the test (p is
-    NaN) where only rho is wanted.
+    rho is ``scipy.stats.spearmanr`` (the Pearson correlation of the average ranks, so ties are
+    handled). The p-value is ``scipy.stats.permutation_test``'s over re-pairings of the ranks
+    with the statistic ``|rho|``: ``(1 + #{|rho_perm| >= |rho|}) / (1 + permutations)`` over
+    ``permutations`` seeded random re-pairings (every pairing, exactly, where there are fewer).
+    It makes no distributional assumption and is valid for any n, but it cannot be smaller
+    than ``1 / (1 + permutations)``. ``permutations=0`` skips the test (p is NaN) where only rho
+    is wanted.
 
     Pairs where either value is NaN are dropped. Returns ``(nan, nan)`` for fewer than three
     pairs or when either variable is constant (the correlation is undefined).
@@ -84,22 +72,26 @@ def spearman(
     n = len(rx)
     if n < 3 or rx.std() == 0 or ry.std() == 0:
         return math.nan, math.nan
-    rx, ry = (rx - rx.mean()) / rx.std(), (ry - ry.mean()) / ry.std()
-    rho = float(np.mean(rx * ry))
+    rho = float(stats.spearmanr(rx, ry).statistic)
     if permutations <= 0:
         return rho, math.nan
-    rng = np.random.default_rng(seed)
-    # Shuffled rank vectors in blocks so that memory stays bounded for large n; the draws are
-    # the same sequence whatever the block size.
-    per_block = max(1, _PERMUTATION_BLOCK // n)
-    extreme = 0
-    for start in range(0, permutations, per_block):
-        count = min(per_block, permutations - start)
-        shuffled = np.stack([rng.permutation(ry) for _ in range(count)])
-        null = shuffled @ rx / n
-        # The tolerance counts a permutation that ties rho up to rounding as at least as extreme.
-        extreme += int(np.sum(np.abs(null) >= abs(rho) - 1e-12))
-    return rho, float((extreme + 1) / (permutations + 1))
+    rx, ry = (rx - rx.mean()) / rx.std(), (ry - ry.mean()) / ry.std()
+
+    def abs_rho(a: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.abs(a @ rx / n)
+
+    test = stats.permutation_test(
+        (ry,),
+        abs_rho,
+        permutation_type="pairings",
+        vectorized=True,
+        n_resamples=permutations,
+        alternative="greater",
+        # Shuffled rank vectors in blocks, so that memory stays bounded for large n.
+        batch=max(1, _PERMUTATION_BLOCK // n),
+        rng=np.random.default_rng(seed),
+    )
+    return rho, float(test.pvalue)
 
 
 # ----------------------------------------------------------------------------- summaries
