@@ -1,0 +1,65 @@
+"""``--help`` of the entry points answers before the host libraries are imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# What a command needs only once it runs (each costs seconds of CPU to import).
+HOST_LIBRARIES = (
+    "lightly",
+    "pytorch_lightning",
+    "lightning",
+    "torchvision",
+    "matplotlib",
+    "open_clip",
+    "open_clip_train",
+)
+ENTRY_POINTS = (
+    "recipes.longtail",
+    "recipes.longtail.sweep",
+    "recipes.cc3m.smoke",
+    "recipes.cc3m.evaluate",
+    "recipes.cc3m.analyze",
+    "recipes.cc3m.shards",
+    "recipes.cc3m.tsv",
+)
+PROBE = """
+import contextlib, io, resource, runpy, sys
+module = sys.argv[1]
+sys.argv = [module, "--help"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+loaded = sorted({name.split(".")[0] for name in sys.modules} & set({hosts}))
+print(usage.ru_utime + usage.ru_stime, ",".join(loaded), "usage:" in out.getvalue())
+"""
+
+
+def _cpu_seconds(code: str, *args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split(" ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help_imports_no_host_library_and_costs_about_torch_alone(module: str) -> None:
+    code = PROBE.replace("{hosts}", repr(HOST_LIBRARIES))
+    cpu, loaded, has_usage = _cpu_seconds(code, module)
+    assert has_usage.strip() == "True"
+    assert loaded == "", f"{module} --help imported {loaded}"
+    # The registries read the loss classes' signatures, so torch is imported; nothing else
+    # heavy (timings on a shared machine are noisy: a generous margin over torch alone).
+    torch_cpu = float(
+        _cpu_seconds(
+            "import resource, torch; u = resource.getrusage(resource.RUSAGE_SELF); "
+            "print(u.ru_utime + u.ru_stime)"
+        )[0]
+    )
+    assert float(cpu) < 1.5 * torch_cpu + 0.5, (cpu, torch_cpu)
