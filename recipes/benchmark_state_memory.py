@@ -4,7 +4,7 @@ For each table size N, a fresh group of ``--world-size`` gloo processes on the C
 ``ISogCLRClipLoss(N)`` (6 tables: log_u, tau and momentum per image and per text anchor, 24 bytes
 per sample) in one layout and trains it on random features and indices drawn from [0, N):
 
-- memory: each rank's resident set (``VmRSS`` of ``/proc/self/status``) after the loss is built
+- memory: each rank's resident set (``VmRSS``, read with psutil) after the loss is built
   (both layouts allocate and fill their tables then) minus before, beside the arithmetic
   (4 bytes x tables x rows); "+ step" is the growth until after the first step (the autograd
   and collective buffers of one batch, the same in both layouts);
@@ -13,7 +13,7 @@ per sample) in one layout and trains it on random features and indices drawn fro
 
 Every (N, layout) runs in new processes so that one run's memory does not count in the next.
 Prints one line per run and the ratios sharded / replicated. N = 1e8 runs only when the machine
-has the memory for the replicated run (``MemAvailable`` of ``/proc/meminfo``)::
+has the memory for the replicated run (``MemAvailable``, read with psutil)::
 
     .venv/bin/python -m recipes.benchmark_state_memory --world-size 2 --num-samples 1e6 1e7 1e8
 """
@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import psutil
 import torch
 from torch import distributed as torch_dist
 
@@ -45,21 +46,13 @@ TABLES = 6  # ISogCLRClipLoss: log_u, tau, momentum for the image and the text a
 
 
 def resident_bytes() -> int:
-    """This process's resident set size (``VmRSS``), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status (Linux only).")
+    """This process's resident set size (``VmRSS``), in bytes (psutil)."""
+    return psutil.Process().memory_info().rss
 
 
 def available_bytes() -> int:
-    """``MemAvailable`` of ``/proc/meminfo``, in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """The memory available to new processes (``MemAvailable``), in bytes (psutil)."""
+    return psutil.virtual_memory().available
 
 
 def _free_port() -> int:
