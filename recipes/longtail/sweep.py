@@ -134,28 +134,26 @@ def sweep_row(profile: str, result: RunResult) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation over seeds per (profile, loss, batch size)."""
+    """Mean and sample standard deviation over seeds per (profile, loss, batch size), in the
+    order the groups first appear (pandas ``groupby().agg``; one seed gives a NaN std)."""
+    import pandas as pd
+
     from recipes.longtail.losses import LOSS_LABELS
 
-    keys = list(dict.fromkeys((r["profile"], r["loss"], r["batch_size"]) for r in rows))
-    out = []
-    for profile, loss, batch in keys:
-        mine = [
-            r for r in rows if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, batch)
-        ]
-        entry: dict[str, Any] = {
-            "profile": profile,
-            "loss": loss,
-            "label": LOSS_LABELS[loss],
-            "batch_size": batch,
-            "seeds": len(mine),
-        }
-        for name in ("knn_all", "knn_tail", "probe_all", "probe_tail", "train_seconds"):
-            values = [float(r[name]) for r in mine]
-            entry[f"{name}_mean"] = statistics.fmean(values)
-            entry[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
-        out.append(entry)
-    return out
+    keys = ["profile", "loss", "batch_size"]
+    metrics = ["knn_all", "knn_tail", "probe_all", "probe_tail", "train_seconds"]
+    frame = pd.DataFrame(list(rows), columns=[*keys, "seed", *metrics])
+    frame[metrics] = frame[metrics].astype(float)
+    grouped = frame.groupby(keys, sort=False)
+    table = grouped[metrics].agg(["mean", "std"])
+    table.columns = [f"{name}_{stat}" for name, stat in table.columns]
+    table.insert(0, "seeds", grouped.size())
+    table = table.reset_index()
+    table.insert(2, "label", table["loss"].map(LOSS_LABELS))
+    return [
+        {k: v.item() if hasattr(v, "item") else v for k, v in record.items()}
+        for record in table.to_dict("records")
+    ]
 
 
 def batch_effect(
