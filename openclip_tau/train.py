@@ -114,6 +114,13 @@ from openclip_tau.data import (
     tarfile_to_samples_nothrow,
 )
 from openclip_tau.key_index import KeyIndex, expand_shards, load_key_index, shard_name
+from openclip_tau.losses import (  # noqa: F401  (the classes, also as openclip_tau.train's names)
+    DySTreSSClipLoss,
+    ISogCLRClipLoss,
+    RGCLGClipLoss,
+    SogCLRClipLoss,
+    TempNetClipLoss,
+)
 from openclip_tau.registry import LOSSES, LossSpec, Temperature, loss_options, off_at_zero
 from tau_core import (
     STATE_LAYOUTS,
