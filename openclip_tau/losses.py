@@ -84,12 +84,14 @@ def image_text_blocks(
     ]
 
 
-def unused_parameters_term(logit_scale: Optional[Tensor], logit_bias: Optional[Tensor]) -> Tensor:
+def unused_parameters_term(
+    logit_scale: Optional[Tensor], logit_bias: Optional[Tensor]
+) -> Union[Tensor, float]:
     """``0 * logit_scale (+ 0 * logit_bias)``: keeps DDP from failing on parameters without grad."""
-    term = torch.zeros(())
+    term: Union[Tensor, float] = 0.0  # a Python number: nothing made on the host
     for p in (logit_scale, logit_bias):
         if isinstance(p, Tensor):
-            term = term.to(p.device) + 0.0 * p.sum()
+            term = term + 0.0 * p.sum()
     return term
 
 

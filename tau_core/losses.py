@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from tau_core import device as device_runtime
 from tau_core.checks import (
     check_number,
     check_optional_epochs,
@@ -62,7 +63,7 @@ STATS_PAIRS = 1 << 20
 def temperature_stats(tau: Tensor, prefix: str = "tau") -> dict[str, Tensor]:
     """Mean, spread and quantiles of a batch of temperatures, as detached 0-d tensors."""
     tau = tau.detach().float().flatten()
-    q = torch.quantile(tau, torch.tensor([0.1, 0.5, 0.9], device=tau.device))
+    q = sorted_quantiles(tau, (0.1, 0.5, 0.9))
     return {
         f"{prefix}_mean": tau.mean(),
         f"{prefix}_std": tau.std(unbiased=False),
@@ -88,6 +89,22 @@ def keyword_example(cls: type) -> str:
         if name in accepted:
             return f" (e.g. {name}=0.2)" if name == "temperature" else f" (e.g. {name}=0.1)"
     return ""
+
+
+def sorted_quantiles(values: Tensor, levels: Sequence[float]) -> list[Tensor]:
+    """``torch.quantile(values, levels)`` (linear interpolation, NaN if any value is NaN) as 0-d
+    tensors, with the levels as Python numbers: no tensor of levels copied to the device."""
+    ordered = values.sort().values  # NaN sorts last
+    n, last = ordered.numel(), ordered[-1]
+    out = []
+    for level in levels:
+        position = level * (n - 1)
+        low = int(math.floor(position))
+        high = min(low + 1, n - 1)
+        fraction = position - low
+        value = torch.lerp(ordered[low], ordered[high], fraction) if fraction else ordered[low]
+        out.append(torch.where(torch.isnan(last), last, value))
+    return out
 
 
 def normalized_float32(out: Tensor) -> Tensor:
@@ -374,14 +391,10 @@ class ContrastiveLoss(nn.Module):
         return not self.sync_checks
 
     def _defer(self, values: Tensor, names: tuple[str, str], collective: bool) -> None:
-        if values.device.type == "cuda":
-            # Copied to pinned host memory behind the step's kernels; read once it has landed.
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = values, None
+        # On an accelerator: copied to pinned host memory behind the step's kernels and read
+        # once it has landed (tau_core.device), so the step never waits for the verdict.
+        host = device_runtime.copy_to_host(values)
+        event = device_runtime.record_event(values.device)
         self._deferred.append((host, event, names, collective))
 
     def raise_deferred_error(self, wait: bool = False) -> None:
@@ -390,12 +403,11 @@ class ContrastiveLoss(nn.Module):
         from the device are left for a later call unless ``wait`` is True."""
         while self._deferred:
             host, event, names, collective = self._deferred[0]
-            if event is not None and not wait and not event.query():
+            if not wait and not device_runtime.event_ready(event):
                 return
-            if event is not None:
-                event.synchronize()
+            device_runtime.wait_event(event)
             self._deferred.pop(0)
-            self._verdict(host.tolist(), None, names, collective, previous=True)
+            self._verdict(device_runtime.host_values(host), None, names, collective, previous=True)
 
     def _verdict(
         self,
