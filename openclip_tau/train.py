@@ -98,6 +98,7 @@ import open_clip_train.train as upstream_train
 import torch
 from open_clip_train import data as upstream_data
 from open_clip_train import file_utils as upstream_file_utils
+from open_clip_train import logger as upstream_logger
 from open_clip_train import params as upstream_params
 from open_clip_train import zero_shot as upstream_zero_shot
 from open_clip_train.distributed import is_master, is_using_distributed, world_info_from_env
@@ -543,6 +544,7 @@ class LossTraining:
                 create_loss=self.create_loss,
                 train_one_epoch=self.train_one_epoch,
                 pt_load=self.pt_load,
+                setup_logging=setup_logging,
                 torch=torch_overlay,
             ),
             patched(upstream_data, tarfile_to_samples_nothrow=tarfile_to_samples_nothrow),
@@ -1481,6 +1483,27 @@ def csv_rows(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise TrainingSetupError(f"--train-data {args.train_data}: {err}") from None
     return len(frame)
+
+
+# Loggers that follow --debug / INFO as upstream sets them; every other library's keep their level.
+OWN_LOGGERS = ("open_clip", "openclip_tau", "tau_core", "lightly_tau")
+
+
+def setup_logging(log_file: Optional[str], level: int, include_host: bool = False) -> None:
+    """Upstream's logging set-up, except that it no longer lowers other libraries' loggers.
+
+    Upstream sets every logger that exists to ``level`` (INFO), so torch's internal loggers
+    printed their INFO lines (``TorchDynamo compilation metrics``, ``FakeTensor cache stats``
+    at exit) after every run; they get their own levels back.
+    """
+    levels = {  # a placeholder (a parent not yet made) becomes a logger: NOTSET
+        name: getattr(logger, "level", logging.NOTSET)
+        for name, logger in logging.root.manager.loggerDict.items()
+        if not name.startswith(OWN_LOGGERS)
+    }
+    upstream_logger.setup_logging(log_file, level, include_host)
+    for name, old in levels.items():
+        logging.getLogger(name).setLevel(old)
 
 
 def _file_sha256(path: str) -> str:

@@ -6,7 +6,9 @@ Every function works without a process group (one process): it then does no comm
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import warnings
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -36,18 +38,38 @@ def rank() -> int:
     return 0
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
+@functools.cache
+def _functional_all_gather() -> Optional[Callable[..., Tensor]]:
+    """torch's functional all-gather with autograd: ``all_gather_single_autograd`` (the
+    older ``all_gather_tensor_autograd`` where that is missing), or None on a torch with
+    neither."""
+    try:
+        from torch.distributed import _functional_collectives as funcol
+    except ImportError:  # torch built without distributed support
+        return None
+    gather = getattr(funcol, "all_gather_single_autograd", None)
+    return gather or getattr(funcol, "all_gather_tensor_autograd", None)
+
+
+def gather_with_grad(x: Tensor, functional: Optional[bool] = None) -> Tensor:
     """All ranks' ``x`` concatenated along dim 0; the backward pass sums gradients over ranks.
 
-    ``torch.distributed.nn.functional.all_gather`` returns every rank's slice with autograd; its
-    backward reduces the gradient of each slice to its owner, which is what DDP's averaging
-    expects (the same as ``lightly.utils.dist.gather``). One process: ``x`` itself.
+    Rank ``r``'s gradient is the sum over ranks of the gradient of its slice, which is what
+    DDP's averaging expects (the same as ``lightly.utils.dist.gather``). It uses torch's
+    functional collective (traceable by ``torch.compile``) where torch has one with autograd,
+    else ``torch.distributed.nn.functional.all_gather`` (``functional=False`` forces that
+    call; deprecated from torch 2.14). One process: ``x`` itself.
     """
     if not is_distributed():
         return x
+    gather = _functional_all_gather() if functional is not False else None
+    if gather is not None:
+        return gather(x.contiguous(), 0, torch_dist.group.WORLD)
     from torch.distributed.nn import functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional", FutureWarning)
+        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
 def concat_all_gather(x: Tensor) -> Tensor:
