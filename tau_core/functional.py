@@ -103,7 +103,13 @@ def _shifted_exp(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     the row sums of ``out``, so that ``logsumexp(x) = max + log(sum)`` and ``out / sum`` is the
     softmax, without a second pass."""
     row_max = x.amax(dim=1)
-    torch.sub(x, row_max[:, None], out=out).exp_()
+    if out is x:
+        out.sub_(row_max[:, None])
+    elif out.is_contiguous():
+        torch.sub(x, row_max[:, None], out=out)
+    else:  # e.g. a block laid out as another's transpose (torch.compile refuses such an out=)
+        out.copy_(x).sub_(row_max[:, None])
+    out.exp_()
     return row_max, out.sum(dim=1)
 
 
@@ -333,7 +339,10 @@ def dystress_slab(
     tau_pos = tau[arange, pos_col]
     excluded = tau_pos + (0 if self_col is None else tau[arange, self_col])
     tau_neg_sum = tau.sum(dim=1) - excluded
-    torch.div(sim, tau, out=out)  # the logits
+    if out.is_contiguous():
+        torch.div(sim, tau, out=out)  # the logits
+    else:  # a transposed layout (torch.compile refuses a non-contiguous out=)
+        out.copy_(sim).div_(tau)
     logit_pos = out[arange, pos_col]
     if self_col is not None:
         out[arange, self_col] = -math.inf

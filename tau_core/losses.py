@@ -333,7 +333,8 @@ class ContrastiveLoss(nn.Module):
         None or False) the verdict stays on the device: the state write keeps the old rows when
         it is negative, and the error is raised at the next call, which reads it.
         """
-        self.raise_deferred_error()
+        if self._deferred:  # (a list: no graph break under torch.compile when empty)
+            self.raise_deferred_error()
         out0, out1 = features
         problem = pair_features_problem(names[0], out0, names[1], out1)
         checked: Optional[Tensor] = None
@@ -378,7 +379,7 @@ class ContrastiveLoss(nn.Module):
             return CheckedBatch(checked, valid, *normalized)
         if collective:
             values = all_reduce_max(values)
-        self._verdict(values.tolist(), problem, names, collective)
+        self._read_verdict(values, problem, names, collective)
         return CheckedBatch(checked, None, *normalized)
 
     #: Whether the value checks run before the step (True), after it on the device (False), or
@@ -397,6 +398,7 @@ class ContrastiveLoss(nn.Module):
         event = device_runtime.record_event(values.device)
         self._deferred.append((host, event, names, collective))
 
+    @torch.compiler.disable  # reads host values: outside torch.compile's graphs
     def raise_deferred_error(self, wait: bool = False) -> None:
         """Raises the error of an earlier batch whose value checks were deferred (see
         :meth:`check_batch`); that batch did not change the state. Verdicts still on their way
@@ -408,6 +410,12 @@ class ContrastiveLoss(nn.Module):
             device_runtime.wait_event(event)
             self._deferred.pop(0)
             self._verdict(device_runtime.host_values(host), None, names, collective, previous=True)
+
+    @torch.compiler.disable  # reads the values on the host: outside torch.compile's graphs
+    def _read_verdict(
+        self, values: Tensor, problem: Optional[str], names: tuple[str, str], collective: bool
+    ) -> None:
+        self._verdict(values.tolist(), problem, names, collective)
 
     def _verdict(
         self,
