@@ -636,6 +636,7 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         """Hook of a trained temperature: a training call ends (see ``tau_core.trained``)."""
 
     # ------------------------------------------------------------- warnings
+    @torch.compiler.disable  # host counters: traced, each new value would recompile the step
     def _after_write(self, local_batch: int) -> None:
         self._samples_seen += local_batch * (
             torch.distributed.get_world_size() if is_distributed() else 1
