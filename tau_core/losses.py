@@ -17,6 +17,7 @@ else is here, once:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -58,6 +59,22 @@ LABELS_AS_INDEX_FRACTION = 0.1
 
 # Pairs whose temperatures DySTreSS's stats summarise (a subsample of rows beyond it).
 STATS_PAIRS = 1 << 20
+
+
+# Packages whose frames a warning skips, so that it points at the line that called into them.
+_INTERNAL_PACKAGES = ("tau_core", "lightly_tau", "openclip_tau", "torch")
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside this package, its adapters and
+    torch: the user's call of the loss (whatever wrappers, ``torch.compiler.disable`` or
+    ``nn.Module.__call__``, lie between)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        _INTERNAL_PACKAGES
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def temperature_stats(tau: Tensor, prefix: str = "tau") -> dict[str, Tensor]:
@@ -649,13 +666,11 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             and high + 1 <= LABELS_AS_INDEX_FRACTION * n
         ):
             self._warned.add("labels")
-            warnings.warn(
+            warn_caller(
                 f"{type(self).__name__}: over {seen} samples every index was below {high + 1}, "
                 f"while num_samples={n}. Is the index the dataset index of each sample (e.g. "
                 "batch[-1] of an IndexedDataset) and not its class label? Training on a small "
-                "part of a large table on purpose is fine; then ignore this warning.",
-                UserWarning,
-                stacklevel=4,
+                "part of a large table on purpose is fine; then ignore this warning."
             )
         if (
             "epoch" not in self._warned
@@ -664,13 +679,11 @@ class GlobalContrastiveLoss(ContrastiveLoss):
             and seen > 2 * n
         ):
             self._warned.add("epoch")
-            warnings.warn(
+            warn_caller(
                 f"{type(self).__name__}: gamma_decay_epochs={self.gamma_decay_epochs} is set but "
                 f"set_epoch was never called after {seen} samples (more than two epochs of "
                 f"num_samples={n}), so gamma stays at its epoch-0 value 1.0. Call "
-                "loss.set_epoch(epoch) at the start of every epoch.",
-                UserWarning,
-                stacklevel=4,
+                "loss.set_epoch(epoch) at the start of every epoch."
             )
 
 
@@ -784,10 +797,8 @@ def warn_wide_dystress_range(tau_min: float, tau_max: float) -> None:
             if ratio > DYSTRESS_RANKING_RATIO
             else "s / tau(s) is no longer increasing in s, so some negatives outrank closer ones"
         )
-        warnings.warn(
+        warn_caller(
             f"DySTreSS temperature range tau_max / tau_min = {ratio:.2f} exceeds "
             f"{DYSTRESS_MONOTONE_RATIO}: {severity}. Keep tau_max / tau_min below "
-            f"{DYSTRESS_MONOTONE_RATIO}.",
-            UserWarning,
-            stacklevel=4,
+            f"{DYSTRESS_MONOTONE_RATIO}."
         )
