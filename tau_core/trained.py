@@ -158,10 +158,11 @@ class GlobalLearnedTemperature:
     def block_temperature(
         self, rows: dict[str, Tensor], suffix: str, views: int, anchors: Optional[Tensor]
     ) -> Tensor:
-        """The global temperature, expanded to every row of the block (with autograd history)."""
+        """The global temperature, repeated for every row of the block (with autograd history;
+        a copy, not an expanded view, which torch.compile's backward mishandles before 2.14)."""
         log_u = rows["log_u" + suffix]
         tau = self.module().to(log_u.device)
-        return tau.expand(log_u.numel() * views)
+        return tau.reshape(1).repeat(log_u.numel() * views)
 
     def next_rows(
         self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
