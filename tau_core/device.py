@@ -1,4 +1,5 @@
-"""The accelerator runtime calls of the losses (events, pinned host copies), in one place.
+"""The accelerator runtime calls of the losses (events, pinned host copies, generators), in one
+place.
 
 Everything else in the core is tensor operations, which run on any device and under PyTorch's
 ``FakeTensorMode``. The few calls here need a real CUDA runtime; a test without a GPU replaces
@@ -43,6 +44,11 @@ def wait_event(event: Optional[Any]) -> None:
     """Blocks the host until ``event`` has completed (nothing for None)."""
     if event is not None:
         event.synchronize()
+
+
+def generator(device: torch.device) -> torch.Generator:
+    """A new random number generator on ``device`` (a CUDA one needs the CUDA runtime)."""
+    return torch.Generator(device=device)
 
 
 def host_values(host: Tensor) -> list:

@@ -779,12 +779,13 @@ class DySTreSSBase(ContrastiveLoss):
                     sim = block.anchors.detach()[picked] @ block.candidates.detach().T
             else:
                 sim = block.sim.detach()[picked]
-            keep = torch.ones_like(sim, dtype=torch.bool)
             if block.self_col is not None:
-                keep[torch.arange(picked.numel(), device=sim.device), block.self_col[picked]] = (
-                    False
-                )
-            parts.append(dystress_temperature(sim[keep], self.tau_min, self.tau_max))
+                # Every column but the row's own, in order (a gather of a known shape, where a
+                # boolean mask would wait for the device to learn its size).
+                others = torch.arange(cols - 1, device=sim.device)[None, :]
+                others = others + (others >= block.self_col[picked][:, None])
+                sim = sim.gather(1, others)
+            parts.append(dystress_temperature(sim.flatten(), self.tau_min, self.tau_max))
         return torch.cat(parts)
 
 

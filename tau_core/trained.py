@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch import distributed as torch_dist
 
+from tau_core import device as device_runtime
 from tau_core.checks import check_number, check_temperature_range
 from tau_core.distributed import is_distributed, rank
 
@@ -285,7 +286,7 @@ class TemperatureNetwork(nn.Module):
             return x
         generator = self._generators.get(x.device)
         if generator is None:
-            generator = self._generators[x.device] = torch.Generator(device=x.device)
+            generator = self._generators[x.device] = device_runtime.generator(x.device)
         seed = derive_seed(self.dropout_seed, DROPOUT_STREAM, rank(), self.dropout_calls)
         generator.manual_seed(seed)
         self.dropout_calls += 1

@@ -106,6 +106,8 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[FakeEvent]:
     monkeypatch.setattr(tau_core.device, "event_ready", event_ready)
     monkeypatch.setattr(tau_core.device, "wait_event", wait_event)
     monkeypatch.setattr(tau_core.device, "host_values", host_values)
+    # A CUDA generator needs the CUDA runtime; a fake run draws nothing (TempNet's dropout).
+    monkeypatch.setattr(tau_core.device, "generator", lambda device: torch.Generator())
     return made
 
 
