@@ -228,10 +228,10 @@ class PerSampleState(nn.Module):
         index = index.to(self.device)
         packed = packed.to(self.device)
 
-        @torch.no_grad()
         def apply() -> None:
-            for k, name in enumerate(names):
-                self._tables[name][index] = packed[:, k].to(self._tables[name].device)
+            with torch.no_grad():  # a context, not a decorator: torch.compile traces it
+                for k, name in enumerate(names):
+                    self._tables[name][index] = packed[:, k].to(self._tables[name].device)
 
         return apply
 
@@ -652,9 +652,9 @@ class ShardedPerSampleState(PerSampleState):
                 index, packed = index[mine], packed[mine]
         index, packed = keep_last_occurrence(index, packed)
 
-        @torch.no_grad()
         def apply() -> None:
-            self._shard()[index // world] = packed
+            with torch.no_grad():  # a context, not a decorator: torch.compile traces it
+                self._shard()[index // world] = packed
 
         return apply
 
@@ -674,18 +674,20 @@ class ShardedPerSampleState(PerSampleState):
         every_rows[slot] = packed[order]
         received = all_to_all_equal(pack_rows(every_index, every_rows))
 
-        @torch.no_grad()
         def apply() -> None:
-            storage = self._shard()
-            if not storage.shape[0]:
-                return  # no rows here (num_samples < world_size): only padding arrived
-            index, rows = unpack_rows(received)
-            real = index >= 0
-            index = torch.where(real, index, self.rank)  # row 0 of this shard
-            rows = torch.where(real[:, None], rows, storage[0])
-            first = torch.argsort(real.to(torch.uint8), stable=True)  # padding first, order kept
-            index, rows = keep_last_occurrence(index[first], rows[first])
-            storage[index // world] = rows
+            with torch.no_grad():  # a context, not a decorator: torch.compile traces it
+                storage = self._shard()
+                if not storage.shape[0]:
+                    return  # no rows here (num_samples < world_size): only padding arrived
+                index, rows = unpack_rows(received)
+                real = index >= 0
+                index = torch.where(real, index, self.rank)  # row 0 of this shard
+                rows = torch.where(real[:, None], rows, storage[0])
+                first = torch.argsort(
+                    real.to(torch.uint8), stable=True
+                )  # padding first, order kept
+                index, rows = keep_last_occurrence(index[first], rows[first])
+                storage[index // world] = rows
 
         return apply
 

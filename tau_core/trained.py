@@ -274,6 +274,7 @@ class TemperatureNetwork(nn.Module):
             t = F.linear(features, p["head.weight"], p["head.bias"]).squeeze(1)
             return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(t)
 
+    @torch.compiler.disable  # its own seeded generator and call counter: host side
     def _dropout(self, x: Tensor) -> Tensor:
         """``F.dropout`` drawn from the network's own generator (not the global one).
 
@@ -496,6 +497,7 @@ class TrainedTemperatureMixin:
     def _temperature_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.temperature_parameters())
 
+    @torch.compiler.disable  # host counters: traced, each new value would recompile
     def _temperature_forward_started(self) -> None:
         """At a training call: counts the calls since the own optimizer last stepped."""
         if getattr(self, "_steps_warned", False) or self.lr_tau == 0.0:
@@ -517,6 +519,7 @@ class TrainedTemperatureMixin:
             self._steps_warned = True
             warnings.warn(self._unstepped_message(), UserWarning, stacklevel=5)
 
+    @torch.compiler.disable  # host counters: traced, each new value would recompile
     def _temperature_forward_done(self) -> None:
         self._step_record = (getattr(self, "_own_steps", 0), self._temperature_versions())
 
