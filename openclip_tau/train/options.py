@@ -1,0 +1,253 @@
+"""Our options (``--loss``, ``--tau-*``, ``--add-model-config``), derived from the loss registry
+(:mod:`openclip_tau.registry`): the parser that takes them out of the command line before
+upstream's parser sees it, their checks, and the loss built from them."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import re
+import warnings
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from openclip_tau.registry import LOSSES, loss_options, off_at_zero
+from openclip_tau.train.errors import prints_errors
+from tau_core import STATE_LAYOUTS
+
+LOSS_CHOICES = ("clip", "siglip", *LOSSES)
+LOSS_CLASSES = {name: spec.cls for name, spec in LOSSES.items()}
+STATEFUL_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.stateful)
+
+
+# --tau-* option -> (keyword of the loss class, type, help), read from the registry's classes.
+LOSS_OPTIONS = loss_options()
+# Keywords whose option value 0 means None (the feature switched off).
+OFF_AT_ZERO = off_at_zero()
+# Float options where inf means something (no upper bound, no clipping); every other --tau-*
+# number must be finite.
+INFINITY_ALLOWED = ("tau_max", "tau_grad_clip")
+# Flags of ours that are switches (False = not given).
+SWITCHES = ("tau_fresh_state",)
+
+
+def option_flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` parser whose usage and error lines are printed by rank 0 only."""
+
+    def error(self, message: str) -> None:
+        if not prints_errors():
+            self.exit(2)
+        super().error(message)
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:
+        super().exit(status, message if prints_errors() else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser of our options only; everything else goes to ``open_clip_train``'s parser."""
+    parser = _Parser(
+        prog="python -m openclip_tau.train",
+        description="open_clip_train with temperature-aware losses. Options below are ours; "
+        "every other option is open_clip_train.main's (listed after these).",
+        allow_abbrev=False,  # never take a prefix of an upstream flag for ours
+        add_help=False,
+    )
+    parser.add_argument(
+        "--loss",
+        required=True,
+        choices=LOSS_CHOICES,
+        help="clip and siglip: upstream's ClipLoss / SigLipLoss; sogclr, isogclr, dystress: "
+        "openclip_tau's losses (sogclr and isogclr keep per-sample state).",
+    )
+    parser.add_argument(
+        "--tau-num-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"({', '.join(STATEFUL_LOSSES)}) per-sample table size. webdataset with integer "
+        "keys: larger than every key (img2dataset keys are shard*10^4+position). Default: the "
+        "number of "
+        "keys in --tau-key-index, of csv rows, or --train-num-samples for synthetic data.",
+    )
+    parser.add_argument(
+        "--tau-key-index",
+        default=None,
+        metavar="PATH",
+        help=f"({', '.join(STATEFUL_LOSSES)}; webdataset) key-to-index map built once with "
+        "python -m openclip_tau.key_index --shards <pattern> --output <file>.",
+    )
+    for dest, (kwarg, kind, text) in LOSS_OPTIONS.items():
+        users = [n for n, cls in LOSS_CLASSES.items() if kwarg in class_defaults(cls)]
+        defaults = ", ".join(f"{n} {_shown(class_defaults(LOSS_CLASSES[n])[kwarg])}" for n in users)
+        parser.add_argument(
+            option_flag(dest),
+            type=kind,
+            default=None,
+            metavar="N" if kind is int else "X",
+            help=f"({', '.join(users)}) {text}. Default: {defaults}.",
+        )
+    parser.add_argument(
+        "--tau-state",
+        choices=STATE_LAYOUTS,
+        default="replicated",
+        help=f"({', '.join(STATEFUL_LOSSES)}) how the per-sample tables are stored across "
+        "ranks: replicated (every rank holds every row; the default) or sharded (rank r holds "
+        "rows i %% world_size == r: 1/world_size of the memory; needs torchrun). A run may be "
+        "resumed with either layout and any number of processes.",
+    )
+    parser.add_argument(
+        "--tau-fresh-state",
+        action="store_true",
+        help=f"({', '.join(STATEFUL_LOSSES)}) with --resume: start the loss state fresh: the "
+        "per-sample tables and, for rgclg and tempnet, the temperature's parameters and their "
+        "optimizer moments (the model, its optimizer state and the epoch are still resumed). "
+        "Without it, resuming from a checkpoint that "
+        "holds no loss state, or one trained with another key index or csv, is an error.",
+    )
+    parser.add_argument(
+        "--add-model-config",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="Register a model config JSON file or folder with open_clip.add_model_config "
+        "before training (repeatable), e.g. for a custom --model under torchrun.",
+    )
+    return parser
+
+
+def _shown(default: Any) -> str:
+    return "off" if default is None else str(default)
+
+
+def class_defaults(cls: type) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Splits ``argv`` into our options (checked) and the arguments for ``open_clip_train``."""
+    parser = build_parser()
+    repeated = _repeated_option(parser, argv)
+    if repeated:
+        _fail(parser, repeated)
+    options, rest = parser.parse_known_args(list(argv))
+    for dest in (*LOSS_OPTIONS, "tau_num_samples", "tau_key_index", *SWITCHES):
+        value = getattr(options, dest)
+        if value is None or value is False:
+            continue
+        if dest in LOSS_OPTIONS:
+            allowed = [
+                n for n, cls in LOSS_CLASSES.items() if LOSS_OPTIONS[dest][0] in class_defaults(cls)
+            ]
+        else:
+            allowed = list(STATEFUL_LOSSES)
+        if options.loss not in allowed:
+            _fail(
+                parser,
+                f"{option_flag(dest)} applies to --loss {' or '.join(allowed)}, not --loss {options.loss}.",
+            )
+    if options.tau_num_samples is not None and options.tau_num_samples <= 0:
+        _fail(
+            parser, f"--tau-num-samples must be a positive integer, got {options.tau_num_samples}."
+        )
+    if options.tau_seed is not None and options.tau_seed < 0:
+        _fail(parser, f"--tau-seed must be a non-negative integer, got {options.tau_seed}.")
+    for dest, (_, kind, _) in LOSS_OPTIONS.items():
+        value = getattr(options, dest)
+        if kind is int or value is None or math.isfinite(value):
+            continue
+        if not (dest in INFINITY_ALLOWED and value == math.inf):
+            _fail(parser, f"{option_flag(dest)} must be a finite number, got {value}.")
+    stray = [a for a in rest if a.startswith("--tau") or a == "--loss"]
+    if stray:
+        _fail(parser, f"unrecognized option {stray[0]}; options of openclip_tau start with --tau-.")
+    if options.loss in LOSSES:
+        # Every value the loss class checks (ranges, tau_min <= tau_max, ...) is checked now, by
+        # the class itself, before the model and the data are built.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warnings come once, when the loss is built
+                build_loss(options.loss, loss_kwargs(options), num_samples=1, dim=1)
+        except ValueError as err:
+            _fail(parser, with_flag_names(str(err)))
+    return options, rest
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exits with code 2 and one line on stderr (no usage block, no traceback; rank 0 only)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _repeated_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Optional[str]:
+    """The error for ``--loss`` given more than once (argparse would keep the last).
+
+    A repeated ``--tau-*`` option keeps argparse's rule, the last one wins: scripts append
+    overrides to a recipe's defaults (``recipes/cc3m/train.sh``).
+    """
+    given = []
+    for i, token in enumerate(argv):
+        flag, equals, value = token.partition("=")
+        if flag == "--loss":
+            given.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else ""))
+    if len(given) > 1:
+        return f"--loss is given {len(given)} times ({', '.join(given)}); give it once."
+    return None
+
+
+def with_flag_names(message: str) -> str:
+    """A loss class's error message with its keyword names written as our ``--tau-*`` flags."""
+    names = sorted(
+        ((kw, option_flag(d)) for d, (kw, _, _) in LOSS_OPTIONS.items()), key=lambda x: -len(x[0])
+    )
+    for kwarg, flag in names:
+        message = re.sub(rf"(?<![-\w]){re.escape(kwarg)}\b", flag, message)
+    return message
+
+
+def build_loss(
+    name: str,
+    kwargs: dict[str, Any],
+    num_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    distributed: Optional[dict[str, Any]] = None,
+    dim: Optional[int] = None,
+    state_layout: str = "replicated",
+) -> nn.Module:
+    """The loss of ``--loss name`` (an entry of :data:`LOSSES`) with the given keywords.
+
+    ``distributed`` (``local_loss``, ``gather_with_grad``) is passed only to classes whose
+    constructor takes those keywords; ``dim`` (the model's ``embed_dim``) only to those that take
+    ``dim`` (TempNet); ``state_layout`` (``replicated`` or ``sharded``) to the stateful ones.
+    """
+    spec = LOSSES[name]
+    kw = dict(kwargs, rank=rank, world_size=world_size)
+    if spec.stateful:
+        kw["num_samples"] = num_samples
+        kw["state_layout"] = state_layout
+    accepted = inspect.signature(spec.cls.__init__).parameters
+    if "dim" in accepted:
+        kw["dim"] = dim
+    kw.update({k: v for k, v in (distributed or {}).items() if k in accepted})
+    return spec.cls(**kw)
+
+
+def loss_kwargs(options: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of the loss class from the ``--tau-*`` options that were given.
+
+    ``--tau-lr-drop-below 0`` (or ``none``) becomes ``lr_tau_drop_below=None``.
+    """
+    return {
+        kwarg: None if kwarg in OFF_AT_ZERO and value == 0 else value
+        for dest, (kwarg, _, _) in LOSS_OPTIONS.items()
+        if (value := getattr(options, dest, None)) is not None
+    }

@@ -1,0 +1,439 @@
+"""What remains of a run once its concerns have their modules: :class:`LossTraining` holds the
+run's state and the replacements of upstream's names, and coordinates the options
+(:mod:`~openclip_tau.train.options`), the checks (:mod:`~openclip_tau.train.checks`), the
+checkpoints (:mod:`~openclip_tau.train.checkpoint`), the statistics
+(:mod:`~openclip_tau.train.monitoring`) and the patches (:mod:`~openclip_tau.train.patches`);
+:func:`main` and :func:`cli` are the entry points."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import inspect
+import io
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import open_clip
+import open_clip_train.main as upstream_main
+import open_clip_train.train as upstream_train
+import torch
+from open_clip_train import data as upstream_data
+from open_clip_train import params as upstream_params
+from open_clip_train.distributed import is_master, world_info_from_env
+from torch import Tensor, nn
+
+from openclip_tau.data import (
+    IndexedLoader,
+    SampleIndexer,
+    SampleKeyError,
+    derive_seed,
+    indexed_train_data,
+    seed_everything,
+)
+from openclip_tau.key_index import KeyIndex
+from openclip_tau.registry import LOSSES, LossSpec
+from openclip_tau.train import patches
+from openclip_tau.train.checkpoint import LossCheckpoints
+from openclip_tau.train.checks import InputChecks, model_embed_dim, train_data_kind
+from openclip_tau.train.errors import TrainingSetupError, UpstreamDriftError, prints_errors
+from openclip_tau.train.monitoring import Monitoring
+from openclip_tau.train.options import (
+    LOSS_OPTIONS,
+    SWITCHES,
+    build_loss,
+    build_parser,
+    class_defaults,
+    loss_kwargs,
+    parse_loss_args,
+)
+from openclip_tau.train.patches import UpstreamGuards
+from tau_core import ShardedPerSampleState
+
+
+class IndexedLoss(nn.Module):
+    """Calls our loss the way ``open_clip_train`` calls its losses, adding the batch's indices.
+
+    ``train_one_epoch`` calls ``loss(**model_out, output_dict=True)``; the indices come from the
+    run's queue, filled by the data loader (see the module docstring for ``--accum-freq``).
+    """
+
+    def __init__(self, loss: nn.Module, run: LossTraining) -> None:
+        super().__init__()
+        self.loss = loss
+        self.run = run
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Optional[Tensor] = None,
+        logit_bias: Optional[Tensor] = None,
+        output_dict: bool = False,
+        **other_outputs: Tensor,
+    ) -> Any:
+        if other_outputs:
+            raise ValueError(
+                f"--loss {self.run.loss_name} trains CLIP-style models (image_features, "
+                f"text_features, logit_scale); this model also returns {sorted(other_outputs)}."
+            )
+        index, write = self.run.next_call()
+        if index is not None:
+            index = index.to(image_features.device, non_blocking=True)
+        self.loss.train(write)  # the state is written by the last call of an optimizer step only
+        out = self.loss(
+            image_features,
+            text_features,
+            logit_scale,
+            index=index,
+            logit_bias=logit_bias,
+            output_dict=True,
+        )
+        if write:
+            self.run.end_step(self.run.step_stats())
+        return out if output_dict else out["contrastive_loss"]
+
+
+class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
+    """One training run: our options, the loss, the index queue, and upstream's patched names."""
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        self.loss_name: str = options.loss
+        self.loss_kwargs = loss_kwargs(options)
+        self.spec: Optional[LossSpec] = LOSSES.get(self.loss_name)
+        self.ours = self.spec is not None
+        self.stateful = self.ours and self.spec.stateful
+        self.trains_temperature = self.ours and self.spec.trains_temperature
+        self.state_layout: str = getattr(options, "tau_state", None) or "replicated"
+        self.args: Optional[argparse.Namespace] = None
+        self.loss: Optional[nn.Module] = None  # the module whose state_dict is checkpointed
+        self.num_samples: Optional[int] = None
+        self.index_source = ""
+        # What maps samples to table rows: a key index's, a csv's or a rule's fingerprint.
+        self.index_fingerprint: Optional[str] = None
+        self.resumed: Optional[dict[str, Any]] = None  # loss entries of the --resume checkpoint
+        self.resumed_path = ""
+        self.table_median: Optional[Tensor] = None  # iSogCLR's summary temperature
+        self.saved_paths: set[str] = set()  # checkpoints written with our entries
+        self.last_completed: Optional[int] = None
+        self.embed_dim: Optional[int] = None  # the model's, for TempNet's networks
+        # The optimizer that steps the loss's temperature group, and the saved optimizer state
+        # (with that group) to load once the group is added.
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizer_state: Optional[dict[str, Any]] = None
+        self.shard_folders: dict[int, str] = {}  # sharded layout: epoch -> folder written
+        self.said_sharded = False
+        self.key_index: Optional[KeyIndex] = None  # loaded by check_inputs
+        self.data_rows: Optional[int] = None  # csv rows or synthetic samples
+        self.inputs_checked = False
+        self._create_model: Callable[..., Any] = upstream_main.create_model_and_transforms
+        # Per-epoch progress, reset by train_one_epoch.
+        self.pending: list[Tensor] = []
+        self.batches_seen = 0
+        self.calls = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.steps_per_epoch = 1
+        self.stat_sums: dict[str, Tensor] = {}
+        self.tb_writer: Any = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Replaces the names ``open_clip_train.main`` bound at import, for this run only
+        (:func:`openclip_tau.train.patches.installed`)."""
+        with patches.installed(self):
+            yield
+
+    def parse_args(self, argv: Sequence[str]) -> argparse.Namespace:
+        quiet = (
+            contextlib.nullcontext()
+            if prints_errors()
+            else contextlib.redirect_stderr(io.StringIO())
+        )
+        with quiet:  # upstream's usage and error lines: rank 0 only
+            args = upstream_params.parse_args(argv)
+        self._check(args)
+        args.loss = self.loss_name
+        for dest in ("tau_num_samples", "tau_key_index", *LOSS_OPTIONS, *SWITCHES):
+            setattr(args, dest, getattr(self.options, dest))  # listed in params.txt and wandb
+        args.tau_state = self.state_layout
+        self.args = args
+        return args
+
+    # -------------------------------------------------------------- data
+    def get_data(
+        self, args: argparse.Namespace, preprocess_fns: Any, epoch: int = 0, tokenizer: Any = None
+    ) -> dict[str, Any]:
+        if not self.stateful:
+            return upstream_data.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        # Validation and zero-shot sets as upstream builds them; the training set with indices.
+        others = copy.copy(args)
+        if args.dataset_type != "synthetic":
+            others.train_data = None
+        data = upstream_data.get_data(others, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        if not (args.train_data or args.dataset_type == "synthetic"):
+            return data
+        info = indexed_train_data(args, preprocess_fns[0], epoch, tokenizer)
+        indexer = self._make_indexer(args, info)
+        loader = IndexedLoader(info.dataloader, indexer, self.on_batch)
+        data["train"] = dataclasses.replace(info, dataloader=loader)
+        return data
+
+    def _make_indexer(self, args: argparse.Namespace, info: Any) -> SampleIndexer:
+        """The key map for the training set, with the table planned by :meth:`check_inputs`."""
+        if not self.inputs_checked:  # get_data called without open_clip_train.main
+            self.plan_table(args)
+        kind = train_data_kind(args)
+        if kind in ("csv", "synthetic") and info.dataloader.num_samples != self.data_rows:
+            raise UpstreamDriftError(
+                f"open_clip_train built a training set of {info.dataloader.num_samples} "
+                f"samples from {args.train_data}, where openclip_tau counted {self.data_rows}."
+            )
+        return SampleIndexer(self.num_samples, self.key_index)
+
+    def create_model_and_transforms(self, *args: Any, **kwargs: Any) -> Any:
+        """``open_clip.create_model_and_transforms`` for ``open_clip_train.main``, after
+        :meth:`check_inputs` (once): bad inputs are refused before the model is built."""
+        if not self.inputs_checked:
+            self.check_inputs(self.args)
+        return self._create_model(*args, **kwargs)
+
+    def create_loss(self, args: argparse.Namespace) -> nn.Module:
+        if not self.ours:
+            self.loss = open_clip.create_loss(args)
+            result = self.loss
+        else:
+            if self.state_layout == "sharded" and args.world_size < 2:
+                raise TrainingSetupError(
+                    "--tau-state sharded splits the tables over the ranks of torchrun; this run "
+                    "has one process: use --tau-state replicated."
+                )
+            if "dim" in inspect.signature(self.spec.cls.__init__).parameters:
+                self.embed_dim = model_embed_dim(args.model, self.loss_name)
+            self.loss = build_loss(
+                self.loss_name,
+                self.loss_kwargs,
+                num_samples=self.num_samples,
+                rank=args.rank,
+                world_size=args.world_size,
+                distributed={
+                    "local_loss": args.local_loss,
+                    "gather_with_grad": args.gather_with_grad,
+                },
+                dim=self.embed_dim,
+                state_layout=self.state_layout,
+            )
+            # The tables and the temperature's parameters live on the training device: no step
+            # copies them through the host (NCCL also needs a sharded table there).
+            self.loss.to(args.device)
+            result = IndexedLoss(self.loss, self)
+        self.log_loss_setup(args)
+        self._restore_loss_state()
+        return result
+
+    def sharded(self) -> bool:
+        """Whether the loss's per-sample state is split over the ranks (``--tau-state sharded``)."""
+        return isinstance(getattr(self.loss, "state", None), ShardedPerSampleState)
+
+    def option(self, kwarg: str) -> Any:
+        """The loss's keyword ``kwarg`` as given (``--tau-*``) or the class default (or None)."""
+        if kwarg in self.loss_kwargs:
+            return self.loss_kwargs[kwarg]
+        return class_defaults(self.spec.cls).get(kwarg) if self.ours else None
+
+    def _log_master(self, message: str, level: int = logging.INFO) -> None:
+        if self.args is None or is_master(self.args):
+            logging.log(level, message)
+
+    def on_batch(self, index: Tensor) -> None:
+        """Called by the data loader with the table indices of each batch it yields."""
+        self.pending.append(index)
+        self.batches_seen += 1
+
+    def train_one_epoch(
+        self,
+        model: nn.Module,
+        data: dict[str, Any],
+        loss: Any,
+        epoch: int,
+        optimizer: Any,
+        scaler: Any,
+        scheduler: Any,
+        dist_model: Any,
+        args: argparse.Namespace,
+        tb_writer: Any = None,
+    ) -> Any:
+        """``open_clip_train.train.train_one_epoch`` between the loss's epoch start (optimizer
+        group, queue, seeds, ``logit_scale``) and its epoch end (checks, statistics, shards)."""
+        self.start_epoch(model, data, epoch, optimizer, args, tb_writer)
+
+        def scheduler_then_scale(step: int) -> Any:
+            # Upstream calls the scheduler before each step's forward (unless
+            # --skip-scheduler): the step's forward, its logs and the clamp see our scale.
+            out = scheduler(step) if scheduler is not None else None
+            self.write_logit_scale(model)
+            return out
+
+        # Looked up at call time, so upstream's loop (or a test's stand-in) is what runs.
+        upstream_train.train_one_epoch(
+            model,
+            data,
+            loss,
+            epoch,
+            optimizer,
+            scaler,
+            scheduler_then_scale if self.ours else scheduler,
+            dist_model,
+            args,
+            tb_writer,
+        )
+        self.end_epoch(model, epoch, args, tb_writer)
+
+    def start_epoch(
+        self,
+        model: nn.Module,
+        data: dict[str, Any],
+        epoch: int,
+        optimizer: Any,
+        args: argparse.Namespace,
+        tb_writer: Any,
+    ) -> None:
+        """Before upstream's epoch: the last epoch's checkpoints checked, the temperature group
+        added (once), the per-epoch progress reset, the seeds and the model's scale set."""
+        if self.last_completed is not None:
+            self.verify_checkpoints(self.last_completed)
+            self.remove_unreferenced_shards(args)
+        if self.trains_temperature:
+            self.attach_optimizer(optimizer)
+        self.pending.clear()  # an incomplete --accum-freq group of the last epoch is dropped
+        self.batches_seen = 0
+        self.calls = 0
+        self.epoch = epoch
+        self.step_in_epoch = 0
+        self.steps_per_epoch = max(1, data["train"].dataloader.num_batches // args.accum_freq)
+        self.stat_sums = {}
+        self.tb_writer = tb_writer
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch)
+        if self.stateful:
+            # Sampling order (csv, synthetic) and augmentations drawn in this process depend on
+            # the epoch only, so a resumed run repeats the epochs it did not finish.
+            seed_everything(derive_seed("main", args.seed, epoch, args.rank))
+        if self.ours:
+            if self.table_median is None:
+                self.table_stats()  # after a resume: the restored tables' median
+            self.write_logit_scale(model)
+
+    def end_epoch(
+        self, model: nn.Module, epoch: int, args: argparse.Namespace, tb_writer: Any
+    ) -> None:
+        """After upstream's epoch: the loss was called, table statistics, the scale unclamped,
+        the ranks compared, the shards written."""
+        if self.ours:
+            self.check_loss_was_called()
+            stats = self.table_stats()
+            self.write_logit_scale(model)  # validation and the checkpoint get it unclamped
+            if stats and is_master(args):
+                self.log_stats(stats, self.steps_per_epoch * (epoch + 1) - 1, "Table stats")
+        if tb_writer is not None:
+            tb_writer.flush()  # upstream never closes its writer; make each epoch's scalars land
+        self.compare_ranks(args)
+        self.last_completed = epoch + 1
+        self.save_shards(args, epoch + 1)
+
+    def next_call(self) -> tuple[Optional[Tensor], bool]:
+        """The indices for this loss call, and whether it is the last call of its step."""
+        self.calls += 1
+        write = self.calls >= self.args.accum_freq
+        if not self.stateful:
+            return None, write
+        if len(self.pending) != self.args.accum_freq:
+            raise UpstreamDriftError(
+                f"--loss {self.loss_name} was called with the indices of {len(self.pending)} "
+                f"queued batches, expected {self.args.accum_freq} (--accum-freq): "
+                + (
+                    "the training data was not built by openclip_tau.train."
+                    if not self.pending
+                    else "open_clip_train's loop no longer calls the loss once per batch."
+                )
+            )
+        return torch.cat(self.pending), write
+
+    def end_step(self, stats: dict[str, Tensor]) -> None:
+        """After the last loss call of an optimizer step: reset the queue, log statistics."""
+        self.pending.clear()
+        self.calls = 0
+        i = self.step_in_epoch
+        self.step_in_epoch += 1
+        for name, value in stats.items():  # running sums on the device, no host sync
+            value = value.detach().float()
+            self.stat_sums[name] = self.stat_sums[name] + value if name in self.stat_sums else value
+        args = self.args
+        if not stats or not is_master(args):
+            return
+        if i % args.log_every_n_steps == 0 or i + 1 == self.steps_per_epoch:
+            batch = {(f"batch_{k}" if k.startswith("tau_") else k): v for k, v in stats.items()}
+            self.log_stats(batch, self.steps_per_epoch * self.epoch + i)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
+    """Runs ``open_clip_train.main.main`` with the chosen loss; returns what it returns."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # torchrun ... -m openclip_tau.train -- <args>
+        argv = argv[1:]
+    if "-h" in argv or "--help" in argv:
+        print(build_parser().format_help())
+        print("\nopen_clip_train.main options:\n")
+        upstream_params.parse_args(["--help"])
+    options, rest = parse_loss_args(argv)
+    for path in options.add_model_config:
+        if not os.path.exists(path):
+            raise TrainingSetupError(f"--add-model-config {path}: no such file or folder.")
+        open_clip.add_model_config(path)
+    if options.loss == "siglip":
+        rest.append("--siglip")
+    run = LossTraining(options)
+    handlers = list(logging.root.handlers)
+    try:
+        with run.installed():
+            result = upstream_main.main(rest)
+        if run.last_completed is not None:
+            run.verify_checkpoints(run.last_completed)
+            run.remove_unreferenced_shards(run.args)
+        return result
+    finally:
+        # upstream's setup_logging adds handlers at every call; drop them so that a second run in
+        # the same process does not write into the first run's log file.
+        for handler in logging.root.handlers[:]:
+            if handler not in handlers:
+                logging.root.removeHandler(handler)
+                handler.close()
+
+
+def cli() -> None:
+    """Console entry: setup errors and sample keys outside the table are one line, exit code 2.
+
+    Under torchrun every rank finds a setup error and exits with 2; rank 0 prints it. A sample
+    key outside the table is seen by the rank whose data holds it: that rank prints it.
+    """
+    try:
+        code = main()
+    except TrainingSetupError as err:
+        if prints_errors():
+            print(f"openclip_tau.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SampleKeyError as err:
+        _, rank, world_size = world_info_from_env()
+        where = f" (rank {rank})" if world_size > 1 else ""
+        print(f"openclip_tau.train: error{where}: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    cli()
