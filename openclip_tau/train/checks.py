@@ -26,6 +26,7 @@ class InputChecks:
     :meth:`_check` on upstream's parsed options, :meth:`check_inputs` on the files."""
 
     def _check(self, args: argparse.Namespace) -> None:
+        """Refuses option combinations once upstream has parsed its options (every rank)."""
         if args.siglip and self.loss_name != "siglip":
             raise TrainingSetupError(
                 f"--siglip selects upstream's SigLIP loss: use --loss siglip, not --loss {self.loss_name} with --siglip."
