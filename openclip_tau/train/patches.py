@@ -33,10 +33,11 @@ if TYPE_CHECKING:
 def replacements(run: LossTraining) -> dict[ModuleType, dict[str, Any]]:
     """Every replaced name, by module: ``open_clip_train.main``'s ``parse_args`` (our options out
     first), ``create_model_and_transforms`` (input checks first), ``get_data`` (indexed training
-    data), ``create_loss``, ``train_one_epoch``, ``pt_load`` (the loss state of ``--resume``), ``setup_logging``
-    (other libraries' loggers keep their levels) and ``torch`` (``save`` with the loss state; DDP with ``device_ids=None`` on CPU); the data
-    module's ``tarfile_to_samples_nothrow`` (end of shard, webdataset 1.0.2); the zero-shot
-    module's ``accuracy`` (NumPy 2)."""
+    data), ``create_loss``, ``train_one_epoch``, ``pt_load`` (the loss state of ``--resume``),
+    ``setup_logging`` (other libraries' loggers keep their levels) and ``torch`` (``save`` with
+    the loss state; DDP with ``device_ids=None`` on CPU); the data module's
+    ``tarfile_to_samples_nothrow`` (end of shard, webdataset 1.0.2); the zero-shot module's
+    ``accuracy`` (NumPy 2)."""
     torch_overlay = _Overlay(
         torch,
         save=run.save,
