@@ -340,4 +340,7 @@ def test_core_imports_only_torch():
                     "datetime",
                     "itertools",
                     "functools",
+                    "inspect",
+                    "re",
+                    "sys",
                 }, line
