@@ -39,7 +39,7 @@ print(usage.ru_utime + usage.ru_stime, ",".join(loaded), "usage:" in out.getvalu
 """
 
 
-def _cpu_seconds(code: str, *args: str) -> list[str]:
+def _probe(code: str, *args: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
     )
@@ -49,17 +49,8 @@ def _cpu_seconds(code: str, *args: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ENTRY_POINTS)
-def test_help_imports_no_host_library_and_costs_about_torch_alone(module: str) -> None:
+def test_help_imports_no_host_library(module: str) -> None:
     code = PROBE.replace("{hosts}", repr(HOST_LIBRARIES))
-    cpu, loaded, has_usage = _cpu_seconds(code, module)
+    _, loaded, has_usage = _probe(code, module)
     assert has_usage.strip() == "True"
     assert loaded == "", f"{module} --help imported {loaded}"
-    # The registries read the loss classes' signatures, so torch is imported; nothing else
-    # heavy (timings on a shared machine are noisy: a generous margin over torch alone).
-    torch_cpu = float(
-        _cpu_seconds(
-            "import resource, torch; u = resource.getrusage(resource.RUSAGE_SELF); "
-            "print(u.ru_utime + u.ru_stime)"
-        )[0]
-    )
-    assert float(cpu) < 1.5 * torch_cpu + 0.5, (cpu, torch_cpu)
