@@ -17,13 +17,12 @@ import torch
 from torch import nn
 
 from tau_core import (
-    GlobalContrastiveLoss,
     ShardedPerSampleState,
     TrainedTemperatureMixin,
-    derive_seed,
     load_state_shards,
     save_state_shards,
 )
+from tau_core.adapter import GlobalContrastiveLoss, derive_seed
 
 SHARDS_KEY = "lightly_tau_state_shards"  # checkpoint entry: {loss name: shard folder}
 

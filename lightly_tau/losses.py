@@ -13,15 +13,17 @@ import torch
 from torch import Tensor
 
 from tau_core import (
-    AnchorBlock,
-    DySTreSSBase,
     FixedTemperature,
-    GlobalContrastiveLoss,
     GlobalLearnedTemperature,
     GlobalTemperature,
-    GlobalTemperatureLoss,
     LearnedTemperature,
     NetworkTemperature,
+)
+from tau_core.adapter import (
+    AnchorBlock,
+    DySTreSSBase,
+    GlobalContrastiveLoss,
+    GlobalTemperatureLoss,
     TemperatureNetworkLoss,
     build_networks,
     check_chunk_size,

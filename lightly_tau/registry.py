@@ -20,8 +20,8 @@ from typing import Any, Optional
 from torch import nn
 
 from lightly_tau.losses import DySTreSSLoss, ISogCLRLoss, RGCLGLoss, SogCLRLoss, TempNetLoss
-from tau_core.options import LossOption, class_options, signature_keywords
-from tau_core.options import temperature_bounds as _class_bounds
+from tau_core.adapter import LossOption, class_options, signature_keywords
+from tau_core.adapter import temperature_bounds as _class_bounds
 
 LOSSES: dict[str, type] = {
     "sogclr": SogCLRLoss,

@@ -14,15 +14,17 @@ import torch
 from torch import Tensor
 
 from tau_core import (
-    AnchorBlock,
-    DySTreSSBase,
     FixedTemperature,
-    GlobalContrastiveLoss,
     GlobalLearnedTemperature,
     GlobalTemperature,
-    GlobalTemperatureLoss,
     LearnedTemperature,
     NetworkTemperature,
+)
+from tau_core.adapter import (
+    AnchorBlock,
+    DySTreSSBase,
+    GlobalContrastiveLoss,
+    GlobalTemperatureLoss,
     TemperatureNetworkLoss,
     build_networks,
     check_chunk_size,
@@ -30,8 +32,8 @@ from tau_core import (
     gather_with_grad,
     is_distributed,
 )
-from tau_core import rank as process_rank
-from tau_core import world_size as process_world_size
+from tau_core.adapter import rank as process_rank
+from tau_core.adapter import world_size as process_world_size
 
 IndexLike = Union[Tensor, Sequence[int]]
 ROLES = ("image", "text")

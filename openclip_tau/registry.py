@@ -28,7 +28,7 @@ from openclip_tau.losses import (
     SogCLRClipLoss,
     TempNetClipLoss,
 )
-from tau_core.options import LossOption, class_options, signature_keywords
+from tau_core.adapter import LossOption, class_options, signature_keywords
 
 Temperature = Union[float, Tensor]
 

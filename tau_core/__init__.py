@@ -1,47 +1,26 @@
-"""The torch-only core of lightly-tau: per-sample state, the block math, temperature rules, bases.
+"""The torch-only core of lightly-tau: per-sample state, temperature rules, the equations.
 
-Both adapters (``lightly_tau`` for Lightly, ``openclip_tau`` for OpenCLIP) import only the names
-listed here. Nothing in this package imports anything but torch.
+What a user of the losses imports: the per-sample state (the tables a stateful loss keeps, its
+layouts, the shard checkpoints and the memory line), the temperature rules and the modules
+that hold trained temperatures, the common loss bases (``ContrastiveLoss`` for ``set_epoch``
+and ``stats``, ``TrainedTemperatureMixin`` for ``param_groups`` and ``optimizer``), and the
+equations as functions. What only an adapter (``lightly_tau``, ``openclip_tau``) needs to build
+its losses (checks, collectives, the block math, the adapter bases) is in
+:mod:`tau_core.adapter`. Nothing in this package imports anything but torch.
 """
 
-from tau_core.checks import (
-    check_flag,
-    check_number,
-    check_optional_epochs,
-    check_pair_features,
-    check_temperature_range,
-)
-from tau_core.distributed import (
-    all_gather_variable,
-    all_reduce_max,
-    concat_all_gather,
-    gather_with_grad,
-    is_distributed,
-    rank,
-    world_size,
-)
 from tau_core.functional import (
     cosine_gamma,
     dystress_rows,
     dystress_temperature,
     global_contrastive_rows,
     temperature_step,
-    weighted_similarity_sum,
-    with_value,
 )
-from tau_core.losses import (
-    DYSTRESS_MONOTONE_RATIO,
-    DYSTRESS_RANKING_RATIO,
-    AnchorBlock,
-    ContrastiveLoss,
-    DySTreSSBase,
-    GlobalContrastiveLoss,
-    normalized_float32,
-    temperature_stats,
-)
+from tau_core.losses import ContrastiveLoss, temperature_stats
 from tau_core.state import (
     STATE_LAYOUTS,
     PerSampleState,
+    PerSampleStateBase,
     ShardedPerSampleState,
     describe_state_memory,
     load_state_shards,
@@ -49,69 +28,36 @@ from tau_core.state import (
     save_state_shards,
 )
 from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
-from tau_core.tiled import check_chunk_size, tiled_dystress, tiled_global_contrastive
 from tau_core.trained import (
     GlobalLearnedTemperature,
     GlobalTemperature,
-    GlobalTemperatureLoss,
     NetworkTemperature,
     TemperatureNetwork,
-    TemperatureNetworkLoss,
     TrainedTemperatureMixin,
-    average_gradient_over_ranks,
-    build_networks,
-    derive_seed,
 )
 
 __all__ = [
-    "DYSTRESS_MONOTONE_RATIO",
-    "DYSTRESS_RANKING_RATIO",
-    "AnchorBlock",
     "ContrastiveLoss",
-    "DySTreSSBase",
     "FixedTemperature",
-    "GlobalContrastiveLoss",
     "GlobalLearnedTemperature",
     "GlobalTemperature",
-    "GlobalTemperatureLoss",
     "LearnedTemperature",
     "NetworkTemperature",
     "PerSampleState",
+    "PerSampleStateBase",
     "STATE_LAYOUTS",
     "ShardedPerSampleState",
-    "describe_state_memory",
-    "load_state_shards",
-    "save_state_shards",
-    "make_state",
     "TemperatureNetwork",
-    "TemperatureNetworkLoss",
     "TemperatureRule",
     "TrainedTemperatureMixin",
-    "all_gather_variable",
-    "all_reduce_max",
-    "average_gradient_over_ranks",
-    "build_networks",
-    "check_chunk_size",
-    "check_flag",
-    "check_number",
-    "check_optional_epochs",
-    "check_pair_features",
-    "check_temperature_range",
-    "concat_all_gather",
     "cosine_gamma",
-    "derive_seed",
+    "describe_state_memory",
     "dystress_rows",
     "dystress_temperature",
-    "gather_with_grad",
     "global_contrastive_rows",
-    "is_distributed",
-    "normalized_float32",
-    "rank",
+    "load_state_shards",
+    "make_state",
+    "save_state_shards",
     "temperature_stats",
-    "tiled_dystress",
-    "tiled_global_contrastive",
     "temperature_step",
-    "weighted_similarity_sum",
-    "with_value",
-    "world_size",
 ]

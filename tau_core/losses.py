@@ -41,7 +41,7 @@ from tau_core.functional import (
     weighted_similarity_sum,
     with_value,
 )
-from tau_core.state import PerSampleState, make_state
+from tau_core.state import PerSampleStateBase, make_state
 from tau_core.temperature import TemperatureRule
 from tau_core.tiled import tiled_dystress, tiled_global_contrastive_blocks
 
@@ -355,7 +355,7 @@ class ContrastiveLoss(nn.Module):
         out0, out1 = features
         problem = pair_features_problem(names[0], out0, names[1], out1)
         checked: Optional[Tensor] = None
-        state: Optional[PerSampleState] = getattr(self, "state", None)
+        state: Optional[PerSampleStateBase] = getattr(self, "state", None)
         if problem is None and self.needs_index:
             if index is None:
                 problem = (

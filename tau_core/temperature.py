@@ -1,6 +1,6 @@
 """Temperature rules: what a global contrastive loss keeps per sample and how its temperature moves.
 
-A rule tells :class:`tau_core.GlobalContrastiveLoss` which per-sample tables an anchor role keeps,
+A rule tells :class:`tau_core.adapter.GlobalContrastiveLoss` which per-sample tables an anchor role keeps,
 the temperature of a block's rows (:meth:`block_temperature`), and the next values of those rows.
 A rule whose temperature is trained by autograd (a learned global temperature, a temperature
 network) sets ``trains_temperature``: the loss then adds ``mean_i tau_i * [grad_tau_i]_detached``
@@ -13,7 +13,7 @@ the image-text ones. SogCLR and iSogCLR differ only in their rule; the forward i
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -122,4 +122,61 @@ class LearnedTemperature:
         return {"log_u" + suffix: log_u, "tau" + suffix: tau, "momentum" + suffix: momentum}
 
 
-TemperatureRule = Union[FixedTemperature, LearnedTemperature]
+@runtime_checkable
+class TemperatureRule(Protocol):
+    """What :class:`GlobalContrastiveLoss` asks of a temperature rule (a structural type).
+
+    The four rules implement it: :class:`FixedTemperature` (SogCLR), :class:`LearnedTemperature`
+    (iSogCLR), :class:`tau_core.GlobalLearnedTemperature` (RGCL-g) and
+    :class:`tau_core.NetworkTemperature` (TempNet). A new rule needs no base class: any object
+    with these attributes and methods can be passed as a loss's ``rule``. For every anchor role
+    (table suffix ``""``, ``"_image"`` or ``"_text"``) and step, the loss reads the batch's rows of
+    the tables :meth:`initial_values` names, asks :meth:`block_temperature` for each row's
+    temperature, computes the moving average ``log_u`` and the temperature gradient ``grad_tau``
+    (with ``rho``), and writes back what :meth:`next_rows` returns.
+
+    Attributes:
+        learns: Whether the rule moves a per-sample temperature itself (iSogCLR's step): the loss
+            then computes ``grad_tau`` for :meth:`next_rows`.
+        trains_temperature: Whether the temperature is trained by autograd (a parameter or a
+            network): the loss adds the temperature term to the gradient, not to the value.
+        rho: KL radius of the robust objective, >= 0 (0 for SogCLR).
+
+    Examples:
+        >>> isinstance(FixedTemperature(0.1), TemperatureRule)
+        True
+    """
+
+    learns: bool
+    trains_temperature: bool
+    rho: float
+
+    def initial_values(self) -> dict[str, float]:
+        """Per-sample tables of an anchor role (without suffix) and their initial values."""
+        ...
+
+    def block_temperature(
+        self, rows: dict[str, Tensor], suffix: str, views: int, anchors: Optional[Tensor]
+    ) -> Tensor:
+        """Temperature of each row of a block, shape ``(views * batch,)``.
+
+        Args:
+            rows: The batch's rows of every table (keys with their suffix).
+            suffix: The anchor role's table suffix.
+            views: Rows of the block per sample (2 for the unimodal losses' two views).
+            anchors: The block's anchor embeddings (a network rule reads them), or None.
+        """
+        ...
+
+    def next_rows(
+        self, rows: dict[str, Tensor], log_u: Tensor, grad_tau: Tensor, suffix: str = ""
+    ) -> dict[str, Tensor]:
+        """The rows to write for the batch: the new ``log_u`` and whatever else the rule keeps.
+
+        Args:
+            rows: The rows read at the start of the step.
+            log_u: The new moving average ``log(u)`` of each sample.
+            grad_tau: The temperature gradient of each sample.
+            suffix: The anchor role's table suffix. Default ``""``.
+        """
+        ...

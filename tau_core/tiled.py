@@ -186,7 +186,7 @@ def tiled_dystress(
 def tiled_global_contrastive_blocks(
     blocks: Sequence[Any], block_args: Sequence[tuple], chunk_size: int
 ) -> tuple[Tensor, list[GCLRows]]:
-    """The tiled step of a loss's blocks (:class:`tau_core.AnchorBlock` with ``sim`` None).
+    """The tiled step of a loss's blocks (:class:`tau_core.adapter.AnchorBlock` with ``sim`` None).
 
     ``block_args[k]`` are block ``k``'s arguments of :func:`global_contrastive_rows` after
     ``sim``. Returns the surrogate, each block's term divided by its scale (negatives times rows

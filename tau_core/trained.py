@@ -1,7 +1,7 @@
 """Temperatures trained by autograd: RGCL-g's global temperature and TempNet's temperature network.
 
 Both are temperature rules (see :mod:`tau_core.temperature`) with ``trains_temperature = True``:
-:class:`tau_core.GlobalContrastiveLoss` adds ``mean_i tau_i * [grad_tau_i]_detached`` to the
+:class:`tau_core.adapter.GlobalContrastiveLoss` adds ``mean_i tau_i * [grad_tau_i]_detached`` to the
 gradient of the loss, so the parameters behind ``tau_i`` receive the robust objective's
 temperature gradient by the chain rule, and an ordinary optimizer steps them.
 

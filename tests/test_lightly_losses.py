@@ -13,12 +13,8 @@ from lightly.loss import DCLLoss, NTXentLoss
 from loss_checks import assert_step, assert_tables, on_device, reference_tables, tables
 
 from lightly_tau import DySTreSSLoss, ISogCLRLoss, SogCLRLoss, dystress_temperature
-from tau_core import (
-    DYSTRESS_MONOTONE_RATIO,
-    DYSTRESS_RANKING_RATIO,
-    functional,
-    global_contrastive_rows,
-)
+from tau_core import functional, global_contrastive_rows
+from tau_core.adapter import DYSTRESS_MONOTONE_RATIO, DYSTRESS_RANKING_RATIO
 
 NUM_SAMPLES = 12
 DIM = 5

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from openclip_tau.data import derive_seed
 from openclip_tau.registry import Temperature
 from openclip_tau.train.options import option_flag
-from tau_core import ShardedPerSampleState, all_gather_variable, describe_state_memory
+from tau_core import ShardedPerSampleState, describe_state_memory
+from tau_core.adapter import all_gather_variable
 
 # Sharded table statistics: at most this many visited rows per rank and table are gathered.
 SHARD_SAMPLE_ROWS = 1 << 20

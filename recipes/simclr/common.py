@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 
 from lightly_tau import IndexedDataset, registry
 from recipes.fashion_mnist import prepare_torchvision_raw
-from tau_core.options import LossOption, class_options
+from tau_core.adapter import LossOption, class_options
 
 # The scripts' and tests' name for it: gunzips Debian's files for torchvision's FashionMNIST.
 prepare_fashion_mnist = prepare_torchvision_raw
