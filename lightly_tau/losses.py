@@ -130,7 +130,7 @@ class SogCLRLoss(_UnimodalGlobalLoss):
 
     Args:
         num_samples: Number of samples in the training set (rows of the per-sample state), an
-            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+            integer >= 1, e.g. ``len(dataset)``. Required.
         temperature: The global temperature tau, > 0. Default 0.1.
         gamma: Weight of the batch estimate in the moving average, in (0, 1]. Default 0.9. With
             ``gamma_decay_epochs`` it is the final value of a cosine decay from 1.0.
@@ -147,9 +147,11 @@ class SogCLRLoss(_UnimodalGlobalLoss):
             instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally, a setting lies outside its range (the message names the argument and
-            the range), or ``state_layout`` is unknown; raised before anything is built.
+        TypeError: If ``num_samples`` is not given.
+        ValueError: If ``num_samples`` is not a positive integer (None, 0, negative, a float), a
+            setting is passed positionally, a setting lies outside its range (the message names the
+            argument and the range), or ``state_layout`` is unknown; raised before anything is
+            built.
 
     Examples:
         >>> loss_fn = SogCLRLoss(100, temperature=0.1)
@@ -164,7 +166,7 @@ class SogCLRLoss(_UnimodalGlobalLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
         temperature: float = 0.1,
         gamma: float = 0.9,
@@ -226,7 +228,7 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
 
     Args:
         num_samples: Number of samples in the training set (rows of the per-sample state), an
-            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+            integer >= 1, e.g. ``len(dataset)``. Required.
         rho: KL radius, >= 0; larger rho gives smaller temperatures. Default 0.3.
         tau_init: Initial temperature of every sample, in ``[tau_min, tau_max]``. Default 0.1.
         tau_min: Lower bound of the temperatures, > 0. Default 0.05.
@@ -248,9 +250,11 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
             instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally, a setting lies outside its range (the message names the argument and
-            the range), or ``state_layout`` is unknown; raised before anything is built.
+        TypeError: If ``num_samples`` is not given.
+        ValueError: If ``num_samples`` is not a positive integer (None, 0, negative, a float), a
+            setting is passed positionally, a setting lies outside its range (the message names the
+            argument and the range), or ``state_layout`` is unknown; raised before anything is
+            built.
 
     Examples:
         >>> loss_fn = ISogCLRLoss(100, rho=0.4)
@@ -265,7 +269,7 @@ class ISogCLRLoss(_UnimodalGlobalLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
         rho: float = 0.3,
         tau_init: float = 0.1,
@@ -326,7 +330,7 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
 
     Args:
         num_samples: Number of samples in the training set (rows of the per-sample state), an
-            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
+            integer >= 1, e.g. ``len(dataset)``. Required.
         rho: KL radius, >= 0; larger rho gives a smaller temperature. Default 0.4.
         tau_init: Initial temperature, in ``[tau_min, tau_max]``. Default 0.1.
         tau_min: Lower bound of the temperature, > 0. Default 0.05.
@@ -349,9 +353,11 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
             instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally, a setting lies outside its range (the message names the argument and
-            the range), or ``state_layout`` is unknown; raised before anything is built.
+        TypeError: If ``num_samples`` is not given.
+        ValueError: If ``num_samples`` is not a positive integer (None, 0, negative, a float), a
+            setting is passed positionally, a setting lies outside its range (the message names the
+            argument and the range), or ``state_layout`` is unknown; raised before anything is
+            built.
 
     Examples:
         >>> model = torch.nn.Linear(16, 16)
@@ -366,7 +372,7 @@ class RGCLGLoss(GlobalTemperatureLoss, _UnimodalGlobalLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
         rho: float = 0.4,
         tau_init: float = 0.1,
@@ -427,9 +433,8 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
 
     Args:
         num_samples: Number of samples in the training set (rows of the per-sample state), an
-            integer >= 1, e.g. ``len(dataset)``. Required: the default None raises ValueError.
-        dim: Dimension of the embeddings (the network's input), an integer >= 1. Required: the
-            default None raises ValueError.
+            integer >= 1, e.g. ``len(dataset)``. Required.
+        dim: Dimension of the embeddings (the network's input), an integer >= 1. Required.
         rho: KL radius, >= 0. Default 0.4.
         tau_min: Lowest predicted temperature, > 0. Default 0.05.
         tau_max: Highest predicted temperature, >= ``tau_min``. Default 0.5.
@@ -452,9 +457,11 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
             instead of O(batch ** 2), with the same values and gradients. Default 0 (one block).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally, a setting lies outside its range (the message names the argument and
-            the range), or ``state_layout`` is unknown; raised before anything is built.
+        TypeError: If ``num_samples`` or ``dim`` is not given.
+        ValueError: If ``num_samples`` or ``dim`` is not a positive integer (None, 0, negative, a
+            float), a setting is passed positionally, a setting lies outside its range (the message
+            names the argument and the range), or ``state_layout`` is unknown; raised before
+            anything is built.
 
     Examples:
         >>> model = torch.nn.Linear(16, 16)
@@ -468,9 +475,9 @@ class TempNetLoss(TemperatureNetworkLoss, _UnimodalGlobalLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
-        dim: Optional[int] = None,
+        dim: int,
         rho: float = 0.4,
         tau_min: float = 0.05,
         tau_max: float = 0.5,

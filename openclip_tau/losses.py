@@ -164,7 +164,7 @@ class _GlobalContrastiveClipLoss(_ClipMixin, GlobalContrastiveLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int],
+        num_samples: int,
         rule: FixedTemperature | LearnedTemperature | GlobalLearnedTemperature | NetworkTemperature,
         gamma: float,
         gamma_decay_epochs: Optional[int],
@@ -253,7 +253,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
 
     Args:
         num_samples: Number of image-text pairs in the training set (rows of each role's
-            table), an integer >= 1. Required: the default None raises ValueError.
+            table), an integer >= 1. Required.
         temperature: Global temperature, > 0. Default 0.01 (CC3M recipe).
         gamma: Moving-average weight, in (0, 1]. Default 0.9.
         gamma_decay_epochs: If set (an integer >= 1), gamma decays from 1.0 at epoch 0 to
@@ -276,9 +276,10 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
             for its chunking). Default 0 (one block per role).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally or lies outside its range (the message names the argument and the
-            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+        TypeError: If ``num_samples`` is not given.
+        ValueError: If ``num_samples`` is not a positive integer (None, 0, negative, a float), a
+            setting is passed positionally or lies outside its range (the message names the argument
+            and the range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
             ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
@@ -295,7 +296,7 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
         temperature: float = 0.01,
         gamma: float = 0.9,
@@ -363,7 +364,7 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
 
     Args:
         num_samples: Number of image-text pairs in the training set (rows of each role's
-            table), an integer >= 1. Required: the default None raises ValueError.
+            table), an integer >= 1. Required.
         rho: KL radius, >= 0. Default 6.0 (CC3M recipe; keep it well below log(B - 1) for a
             global batch B).
         tau_init: Initial temperature, in ``[tau_min, tau_max]``. Default 0.01.
@@ -393,9 +394,10 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
             for its chunking). Default 0 (one block per role).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally or lies outside its range (the message names the argument and the
-            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+        TypeError: If ``num_samples`` is not given.
+        ValueError: If ``num_samples`` is not a positive integer (None, 0, negative, a float), a
+            setting is passed positionally or lies outside its range (the message names the argument
+            and the range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
             ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
@@ -412,7 +414,7 @@ class ISogCLRClipLoss(_RoleTemperatureTables, _GlobalContrastiveClipLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
         rho: float = 6.0,
         tau_init: float = 0.01,
@@ -475,7 +477,7 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
 
     Args:
         num_samples: Number of image-text pairs in the training set (rows of each role's
-            table), an integer >= 1. Required: the default None raises ValueError.
+            table), an integer >= 1. Required.
         rho: KL radius, >= 0. Default 6.5.
         tau_init: Initial temperature, in ``[tau_min, tau_max]``. Default 0.07.
         tau_min: Lower bound of the temperature, > 0. Default 0.01.
@@ -505,9 +507,10 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
             for its chunking). Default 0 (one block per role).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally or lies outside its range (the message names the argument and the
-            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
+        TypeError: If ``num_samples`` is not given.
+        ValueError: If ``num_samples`` is not a positive integer (None, 0, negative, a float), a
+            setting is passed positionally or lies outside its range (the message names the argument
+            and the range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
             ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
@@ -524,7 +527,7 @@ class RGCLGClipLoss(GlobalTemperatureLoss, _GlobalContrastiveClipLoss):
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
         rho: float = 6.5,
         tau_init: float = 0.07,
@@ -594,9 +597,8 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
 
     Args:
         num_samples: Number of image-text pairs in the training set (rows of each role's
-            table), an integer >= 1. Required: the default None raises ValueError.
-        dim: Embedding dimension (the model config's ``embed_dim``), an integer >= 1. Required:
-            the default None raises ValueError.
+            table), an integer >= 1. Required.
+        dim: Embedding dimension (the model config's ``embed_dim``), an integer >= 1. Required.
         rho: KL radius, >= 0. Default 7.0.
         tau_min: Lowest predicted temperature, > 0. Default 0.005.
         tau_max: Highest predicted temperature, >= ``tau_min``. Default 0.05.
@@ -626,10 +628,11 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
             for its chunking). Default 0 (one block per role).
 
     Raises:
-        ValueError: If ``num_samples`` is missing or not a positive integer, a setting is passed
-            positionally or lies outside its range (the message names the argument and the
-            range), ``rank`` / ``world_size`` do not fit, ``local_loss=True`` comes with
-            ``gather_with_grad=False``, or ``state_layout`` is unknown.
+        TypeError: If ``num_samples`` or ``dim`` is not given.
+        ValueError: If ``num_samples`` or ``dim`` is not a positive integer (None, 0, negative, a
+            float), a setting is passed positionally or lies outside its range (the message names
+            the argument and the range), ``rank`` / ``world_size`` do not fit, ``local_loss=True``
+            comes with ``gather_with_grad=False``, or ``state_layout`` is unknown.
 
     Examples:
         >>> import torch
@@ -646,9 +649,9 @@ class TempNetClipLoss(_RoleTemperatureTables, TemperatureNetworkLoss, _GlobalCon
 
     def __init__(
         self,
-        num_samples: Optional[int] = None,
+        num_samples: int,
         *,
-        dim: Optional[int] = None,
+        dim: int,
         rho: float = 7.0,
         tau_min: float = 0.005,
         tau_max: float = 0.05,

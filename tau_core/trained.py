@@ -644,7 +644,7 @@ class TemperatureNetworkLoss(TrainedTemperatureMixin):
 
 def build_networks(
     roles: Iterable[str],
-    dim: Optional[int],
+    dim: int,
     tau_min: float,
     tau_max: float,
     num_prototypes: int,

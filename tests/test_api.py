@@ -116,7 +116,9 @@ def test_misplaced_positional_arguments_are_refused_with_a_message():
     with pytest.raises(ValueError, match="first argument of SogCLRLoss is num_samples"):
         SogCLRLoss(0.2)
     with pytest.raises(ValueError, match="needs num_samples="):
-        ISogCLRClipLoss()
+        ISogCLRClipLoss(num_samples=None)
+    with pytest.raises(TypeError, match="num_samples"):
+        ISogCLRClipLoss()  # a required argument
     with pytest.raises(TypeError):
         SogCLRLoss(N, 0.2)  # keyword-only: temperature=0.2
     with pytest.raises(TypeError):
@@ -318,7 +320,7 @@ def test_core_imports_only_torch():
     result = _run_blocked(code, ("lightly", "open_clip", "torchvision", "pytorch_lightning"))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
     # Every import statement of the core names torch or the core itself.
-    for path in (REPO_ROOT / "tau_core").glob("*.py"):
+    for path in (REPO_ROOT / "tau_core").rglob("*.py"):
         for line in path.read_text().splitlines():
             words = line.split()
             if words[:1] in (["import"], ["from"]) and not line.startswith(" "):
