@@ -329,6 +329,7 @@ def test_core_imports_only_torch():
                     "torch",
                     "tau_core",
                     "__future__",
+                    "abc",
                     "math",
                     "numbers",
                     "typing",
