@@ -1,13 +1,15 @@
 """Temperature rules: what a global contrastive loss keeps per sample and how its temperature moves.
 
-A rule tells :class:`tau_core.adapter.GlobalContrastiveLoss` which per-sample tables an anchor role keeps,
-the temperature of a block's rows (:meth:`block_temperature`), and the next values of those rows.
-A rule whose temperature is trained by autograd (a learned global temperature, a temperature
-network) sets ``trains_temperature``: the loss then adds ``mean_i tau_i * [grad_tau_i]_detached``
-to the gradient (not the value), so the temperature's parameters receive the robust objective's
-temperature gradient ``grad_tau_i`` pushed through ``tau_i`` by the chain rule. Tables of an anchor role are
-named ``<table><suffix>``: suffix ``""`` for the unimodal losses, ``"_image"`` and ``"_text"`` for
-the image-text ones. SogCLR and iSogCLR differ only in their rule; the forward is written once.
+Every rule implements :class:`TemperatureRule`, the interface
+:class:`tau_core.adapter.GlobalContrastiveLoss` asks for: which per-sample tables an anchor role
+keeps, the temperature of a block's rows (``block_temperature``), and the next values of those
+rows (``next_rows``). A rule whose temperature is trained by autograd (a learned global
+temperature, a temperature network) sets ``trains_temperature``: the loss then adds
+``mean_i tau_i * [grad_tau_i]_detached`` to the gradient (not the value), so the temperature's
+parameters receive the robust objective's temperature gradient ``grad_tau_i`` pushed through
+``tau_i`` by the chain rule. Tables of an anchor role are named ``<table><suffix>``: suffix ``""``
+for the unimodal losses, ``"_image"`` and ``"_text"`` for the image-text ones. SogCLR and iSogCLR
+differ only in their rule; the forward is written once.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class PerSampleStateBase(nn.Module, abc.ABC):
     def prepare_write(
         self, index: Tensor, rows: Mapping[str, Tensor], synchronize: bool = True
     ) -> Callable[[], None]:
-        """Does every collective of :meth:`write` now and returns the local part, not yet applied."""
+        """Every collective of :meth:`write` now; returns the local part, not yet applied."""
 
     @abc.abstractmethod
     def check_loadable(self, state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:

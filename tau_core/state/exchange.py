@@ -42,7 +42,8 @@ def check_exchange(exchange: str) -> str:
 
 def choose_exchange(exchange: str, device: torch.device) -> str:
     """The exchange used for tensors on ``device``: ``exchange``, or auto's choice (padded
-    all_to_all for accelerators and all_to_all for CPU where the backend has it, else all_gather)."""
+    all_to_all for accelerators and all_to_all for CPU where the backend has it, else
+    all_gather)."""
     if exchange != "auto":
         return exchange
     if not backend_has_all_to_all(device):
