@@ -8,7 +8,7 @@ each piece both use:
 
 - :func:`average_ranks` and :func:`spearman`: Spearman's rank correlation with ties and a
   two-sided permutation p-value;
-- :func:`quantiles`: min, p10, p50, p90, max and mean of a temperature array;
+- :func:`quantiles`: min, p10, p50, p90, max and mean of a temperature array (pandas);
 - :func:`histogram_bins`: histogram edges over the range the temperatures occupy, log-spaced
   when they span a decade or more;
 - :func:`extremes`: the k highest and the k lowest rows of a frame by a column;
@@ -95,21 +95,25 @@ def spearman(
 
 
 # ----------------------------------------------------------------------------- summaries
-QUANTILES = {"min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
+#: Names of :func:`quantiles` (the core's ``tau_core.temperature_stats`` uses the same levels).
+QUANTILES = {"min": "min", "p10": "10%", "p50": "50%", "p90": "90%", "max": "max", "mean": "mean"}
+#: The order tables show them in.
+QUANTILE_COLUMNS = ["mean", "min", "p10", "p50", "p90", "max"]
 
 
 def quantiles(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     """``min``, ``p10``, ``p50``, ``p90``, ``max`` (linear interpolation) and ``mean`` of values.
 
-    An empty array gives an empty dict; values are taken as given (filter unvisited or NaN
-    samples first).
+    ``pandas.Series.describe`` at the levels of ``tau_core.temperature_stats``, in float64. An
+    empty array gives an empty dict; values are taken as given (filter unvisited or NaN samples
+    first).
     """
-    values = np.asarray(values)
     if len(values) == 0:
         return {}
-    out = {name: float(np.quantile(values, q)) for name, q in QUANTILES.items()}
-    out["mean"] = float(np.mean(values))
-    return out
+    described = pd.Series(np.asarray(values, dtype=np.float64)).describe(
+        percentiles=[0.1, 0.5, 0.9]
+    )
+    return {name: float(described[key]) for name, key in QUANTILES.items()}
 
 
 def extremes(frame: pd.DataFrame, column: str, k: int) -> pd.DataFrame:

@@ -99,6 +99,16 @@ def test_quantiles_of_a_known_array() -> None:
     assert ta.quantiles(np.array([])) == {}
 
 
+def test_quantiles_are_the_cores_temperature_stats() -> None:
+    """The recipes' quantiles (pandas, float64) and the core's training statistics agree."""
+    from tau_core import temperature_stats
+
+    values = np.random.default_rng(4).uniform(0.05, 1.0, 301)
+    core = temperature_stats(torch.tensor(values), prefix="tau")
+    for name, value in ta.quantiles(values).items():
+        assert value == pytest.approx(float(core[f"tau_{name}"]), rel=1e-6)
+
+
 def test_extremes_are_ordered_from_each_end() -> None:
     frame = pd.DataFrame({"name": list("abcdefg"), "tau": [0.3, 0.1, 0.7, np.nan, 0.5, 0.1, 0.9]})
     table = ta.extremes(frame, "tau", 2)
@@ -191,9 +201,12 @@ def test_long_tail_extremes_grid_and_table(tmp_path: Path) -> None:
             data.class_counts[klass],
             data.class_group[klass],
         )
-    page = "\n".join(report.temperature_sample_sections(report.PLOTS, table, None, seed=0))
-    assert f"]({report.PLOTS['tau_extremes']})" in page
-    assert page.count("| highest |") == 4 and page.count("| lowest |") == 4
+    # The report's Markdown table of them: one line per image, ends and temperatures as listed.
+    lines = report.sample_tables(table, None)["extremes"].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == ["end", "rank", "index", "class", "class size", "group", "tau"]
+    assert [c[0] for c in cells[2:]] == ["highest"] * 4 + ["lowest"] * 4
+    assert [c[6] for c in cells[2:]] == [f"{t:.4f}" for t in table["tau"]]
     with pytest.raises(ValueError, match="training-set order"):
         report.temperature_extremes(tau[:-1], data)
 
