@@ -32,6 +32,7 @@ from recipes.temperature_analysis import (  # noqa: E402
     QUANTILE_COLUMNS,
     extremes,
     plot_distribution_by_group,
+    plot_extremes_grid,
     quantiles,
 )
 
@@ -380,49 +381,16 @@ def temperature_extremes(
     return extremes(frame, "tau", k)
 
 
-def plot_temperature_extremes(
-    path: Path, table: pd.DataFrame, data: LongTailData, seed: int
-) -> None:
-    """A grid of the images in ``table`` (from :func:`temperature_extremes`): the highest
-    temperatures on the top row, the lowest on the bottom, each titled with class and tau."""
-    ends = [
-        ("highest", table[table["end"] == "highest"]),
-        ("lowest", table[table["end"] == "lowest"]),
-    ]
-    cols = max(1, *(len(part) for _, part in ends))
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols + 0.6, 4.2), squeeze=False)
-    for row, (end, part) in enumerate(ends):
-        for col in range(cols):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= len(part):
-                ax.axis("off")
-                continue
-            entry = part.iloc[col]
-            image = data.train.images[int(entry["index"])].permute(1, 2, 0).numpy()
-            if image.shape[2] == 1:
-                ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
-            else:
-                ax.imshow(image)
-            ax.set_title(f"{entry['class_name']}\ntau {entry['tau']:.3f}", fontsize=7)
-            if col == 0:
-                ax.set_ylabel(f"{end} tau", fontsize=8)
-    fig.suptitle(
-        f"iSogCLR: training images with the highest and lowest learned temperature (seed {seed})",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_temperature_extremes(
     path: Path, tau: Sequence[float], data: LongTailData, seed: int, k: int = EXTREMES_K
 ) -> pd.DataFrame:
-    """Writes the image grid of :func:`plot_temperature_extremes` to ``path``; returns the table."""
+    """Writes the image grid of :func:`temperature_extremes` (highest temperatures on the top
+    row, lowest on the bottom, each titled with class and tau) to ``path``; returns the table."""
     table = temperature_extremes(tau, data, k)
-    plot_temperature_extremes(path, table, data, seed)
+    title = (
+        f"iSogCLR: training images with the highest and lowest learned temperature (seed {seed})"
+    )
+    plot_extremes_grid(path, table, data.train.images, "class_name", title, full_range=True)
     return table
 
 
