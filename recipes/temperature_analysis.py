@@ -344,10 +344,15 @@ def parse_function_options(
     description): types checked, defaults shown, parameters without a default required. List
     and tuple values are given in brackets (``--mean '[0.5, 0.5, 0.5]'``).
     """
-    from jsonargparse import ArgumentParser
+    import argparse
+
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """jsonargparse's help, with the description and epilog as they are written."""
 
     doc = " ".join((function.__doc__ or "").split("\n\n")[0].split())
-    parser = ArgumentParser(prog=prog, description=doc, epilog=epilog)
+    parser = ArgumentParser(prog=prog, description=doc, epilog=epilog, formatter_class=Formatter)
     parser.add_function_arguments(function, as_positional=False)
     for action in parser._actions:  # --tau_key -> --tau-key
         for i, option in enumerate(action.option_strings):

@@ -251,3 +251,38 @@ def test_temperature_vs_density_plot_reports_the_spearman_over_samples(tmp_path:
     assert len(ax.collections) == 3
     fig.savefig(tmp_path / "d.png")
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command lines
+def _options_example(
+    checkpoint: Path, key_index: Path, top: int = 20, tau_range: tuple[float, float] | None = None
+) -> None:
+    """An example command.
+
+    Args:
+        checkpoint: the checkpoint
+        key_index: the key index
+        top: captions at each end
+        tau_range: the temperature range
+    """
+
+
+def test_options_come_from_the_signature_with_dashed_names(capsys) -> None:
+    argv = ["--checkpoint", "a.pt", "--key-index", "k.txt", "--tau-range", "[0.01, 0.1]"]
+    parser, options = ta.parse_function_options(_options_example, argv, "example")
+    assert options == {
+        "checkpoint": Path("a.pt"),
+        "key_index": Path("k.txt"),
+        "top": 20,
+        "tau_range": (0.01, 0.1),
+    }
+    with pytest.raises(SystemExit):
+        ta.parse_function_options(_options_example, ["--help"], "example")
+    help_text = capsys.readouterr().out
+    assert "--key-index KEY_INDEX" in help_text and "captions at each end" in help_text
+    assert "--key_index" not in help_text and "An example command." in help_text
+    with pytest.raises(SystemExit) as exit_info:  # a required option missing
+        ta.parse_function_options(_options_example, ["--checkpoint", "a.pt"], "example")
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):  # not an int
+        ta.parse_function_options(_options_example, argv + ["--top", "many"], "example")

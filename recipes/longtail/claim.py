@@ -21,6 +21,7 @@ and this module judges the claim over all those runs:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -211,14 +212,8 @@ def density_verdict(analyses: Sequence[Mapping[str, Any]]) -> str:
     """One line: which predictor had the largest ``|rho|`` in how many runs."""
     if not analyses:
         return "No per-sample analysis was run."
-    counts: dict[str, int] = {}
-    for a in analyses:
-        if a.get("best"):
-            counts[a["best"]] = counts.get(a["best"], 0) + 1
-    parts = [
-        f"{PREDICTORS[k]} in {v} of {len(analyses)} runs"
-        for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
-    ]
+    counts = Counter(a["best"] for a in analyses if a.get("best"))
+    parts = [f"{PREDICTORS[k]} in {v} of {len(analyses)} runs" for k, v in counts.most_common()]
 
     def mean_rho(key: str) -> str:
         values = [a[key]["rho"] for a in analyses if key in a]
