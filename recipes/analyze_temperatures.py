@@ -52,6 +52,7 @@ from recipes.temperature_analysis import (
     plot_temperature_vs_density,
     pyplot,
     quantiles,
+    save_figure,
     spearman,
 )
 from recipes.temperature_analysis import extremes as extremes_table
@@ -309,9 +310,7 @@ def plot_histogram(
     ax.set_ylabel("density" if len(classes) > 1 else "images")
     if len(classes) <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_densities(
@@ -323,9 +322,7 @@ def plot_densities(
     for ax, (name, values) in zip(axes[0], densities.items()):
         plot_temperature_vs_density(ax, values, tau, groups=groups)
         ax.set_xlabel(f"{name} (mean cosine of {k} nearest)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- command line

@@ -217,6 +217,14 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Any, dpi: int = 110, tight: bool = True) -> None:
+    """Writes ``fig`` to ``path`` (``tight_layout`` first unless ``tight=False``) and closes it."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def plot_distribution_by_group(
     ax: Any,
     groups: Mapping[str, Sequence[float] | np.ndarray],
@@ -328,9 +336,7 @@ def plot_extremes_grid(
                 ax.set_ylabel(f"{end} tau", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- command lines

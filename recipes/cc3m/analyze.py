@@ -51,6 +51,7 @@ from recipes.temperature_analysis import (
     plot_distribution_by_group,
     pyplot,
     quantiles,
+    save_figure,
 )
 
 ROLES = ("image", "text")
@@ -242,8 +243,7 @@ def plot_train_vs_held_out(
         ax.set_xlabel(f"tau_{role}")
         ax.set_ylabel("density")
         ax.legend()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -320,8 +320,7 @@ def plot_distribution(frame: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"{role} temperatures ({len(values)} samples)")
         ax.set_xlabel(f"tau_{role}")
         ax.set_ylabel("samples")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 def plot_against_frequency(
@@ -367,8 +366,7 @@ def plot_against_frequency(
         ax.set_title(f"tau_{role}: Spearman {rho:+.3f} (p {p:.2g}, n={n})")
         ax.set_xlabel(measure.replace("_", " "))
         ax.set_ylabel(f"tau_{role}")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 def plot_image_vs_text(frame: pd.DataFrame, path: Path) -> None:
@@ -384,8 +382,7 @@ def plot_image_vs_text(frame: pd.DataFrame, path: Path) -> None:
     ax.set_title(f"image vs text temperature (Spearman {rho:+.3f}, n={n})")
     ax.set_xlabel("tau_image")
     ax.set_ylabel("tau_text")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 # ----------------------------------------------------------------------------- report

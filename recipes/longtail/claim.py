@@ -29,7 +29,12 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from recipes.temperature_analysis import plot_temperature_vs_density, pyplot, spearman
+from recipes.temperature_analysis import (
+    plot_temperature_vs_density,
+    pyplot,
+    save_figure,
+    spearman,
+)
 
 SIGNIFICANCE = 0.05
 # Permutations of the per-sample Spearman tests (p cannot go below 1 / 1001).
@@ -269,9 +274,7 @@ def plot_claim_curves(path: Path, runs: Sequence[ClaimRun]) -> None:
     ax.set_title("iSogCLR: class size vs class mean temperature (filled: p < 0.05)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_density(path: Path, runs: Sequence[ClaimRun]) -> None:
@@ -293,9 +296,7 @@ def plot_density(path: Path, runs: Sequence[ClaimRun]) -> None:
             plot_temperature_vs_density(ax, values, run.tau, groups=run.class_names)
             ax.set_xlabel(f"{PREDICTORS[key]} (mean cosine of k nearest)", fontsize=8)
             ax.set_title(f"{run.name}\n" + ax.get_title(), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------- markdown

@@ -34,6 +34,7 @@ from recipes.temperature_analysis import (  # noqa: E402
     plot_distribution_by_group,
     plot_extremes_grid,
     quantiles,
+    save_figure,
 )
 
 ACCURACY_KINDS = ("knn", "probe")
@@ -190,9 +191,7 @@ def plot_accuracy(
     axes[0].set_ylim(max(0.0, lowest - 0.1), 1.0)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Accuracy per class group (error bars: standard deviation over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_training_curves(
@@ -254,9 +253,7 @@ def plot_training_curves(
     for ax in flat[panels:]:
         ax.axis("off")
     fig.suptitle("Training curves (each loss in its own units)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_temperature_by_class(path: Path, results: list[RunResult], data: LongTailData) -> None:
@@ -319,9 +316,7 @@ def plot_temperature_by_class(path: Path, results: list[RunResult], data: LongTa
     ax.grid(alpha=0.3)
     if data.num_classes <= 12:
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_temperature_histogram(path: Path, result: RunResult, data: LongTailData) -> None:
@@ -347,9 +342,7 @@ def plot_temperature_histogram(path: Path, result: RunResult, data: LongTailData
     if tau:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def temperature_extremes(
