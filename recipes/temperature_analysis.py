@@ -8,14 +8,16 @@ each piece both use:
 
 - :func:`average_ranks` and :func:`spearman`: Spearman's rank correlation with ties and a
   two-sided permutation p-value;
-- :func:`quantiles`: min, p10, p50, p90, max and mean of a temperature array;
+- :func:`quantiles`: min, p10, p50, p90, max and mean of a temperature array (pandas);
 - :func:`histogram_bins`: histogram edges over the range the temperatures occupy, log-spaced
   when they span a decade or more;
 - :func:`extremes`: the k highest and the k lowest rows of a frame by a column;
 - :func:`plot_distribution_by_group`: histograms of temperatures, one per group, on one axes;
 - :func:`knn_density`: a label-free local density of every sample (the mean cosine similarity of
   its k nearest neighbours), the "how many similar samples does it have" of iSogCLR's mechanism;
-- :func:`plot_temperature_vs_density`: per-sample temperature against that density.
+- :func:`plot_temperature_vs_density`: per-sample temperature against that density;
+- :func:`plot_extremes_grid`: the images at either end of the temperatures;
+- :func:`parse_function_options`: the analysis commands' options, from a function's signature.
 
 NumPy, pandas and matplotlib (Agg backend) only: no torch, so the analysis runs wherever the
 saved temperatures can be read.
@@ -24,7 +26,7 @@ saved temperatures can be read.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -95,21 +97,25 @@ def spearman(
 
 
 # ----------------------------------------------------------------------------- summaries
-QUANTILES = {"min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
+#: Names of :func:`quantiles` (the core's ``tau_core.temperature_stats`` uses the same levels).
+QUANTILES = {"min": "min", "p10": "10%", "p50": "50%", "p90": "90%", "max": "max", "mean": "mean"}
+#: The order tables show them in.
+QUANTILE_COLUMNS = ["mean", "min", "p10", "p50", "p90", "max"]
 
 
 def quantiles(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     """``min``, ``p10``, ``p50``, ``p90``, ``max`` (linear interpolation) and ``mean`` of values.
 
-    An empty array gives an empty dict; values are taken as given (filter unvisited or NaN
-    samples first).
+    ``pandas.Series.describe`` at the levels of ``tau_core.temperature_stats``, in float64. An
+    empty array gives an empty dict; values are taken as given (filter unvisited or NaN samples
+    first).
     """
-    values = np.asarray(values)
     if len(values) == 0:
         return {}
-    out = {name: float(np.quantile(values, q)) for name, q in QUANTILES.items()}
-    out["mean"] = float(np.mean(values))
-    return out
+    described = pd.Series(np.asarray(values, dtype=np.float64)).describe(
+        percentiles=[0.1, 0.5, 0.9]
+    )
+    return {name: float(described[key]) for name, key in QUANTILES.items()}
 
 
 def extremes(frame: pd.DataFrame, column: str, k: int) -> pd.DataFrame:
@@ -211,6 +217,14 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Any, dpi: int = 110, tight: bool = True) -> None:
+    """Writes ``fig`` to ``path`` (``tight_layout`` first unless ``tight=False``) and closes it."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def plot_distribution_by_group(
     ax: Any,
     groups: Mapping[str, Sequence[float] | np.ndarray],
@@ -285,3 +299,72 @@ def plot_temperature_vs_density(
     ax.set_title(f"Spearman over samples {rho:+.2f} (p {p_value:.3f})", fontsize=9)
     ax.grid(alpha=0.3)
     return rho, p_value
+
+
+def plot_extremes_grid(
+    path: Any,
+    table: pd.DataFrame,
+    images: Any,
+    label: str = "class",
+    title: Optional[str] = None,
+    full_range: bool = False,
+) -> None:
+    """A grid of the images in ``table`` (from :func:`extremes`, with an ``index`` column into
+    ``images``, uint8 (N, C, H, W)): the highest temperatures on the top row, the lowest on the
+    bottom, each titled with its ``label`` column and tau. ``full_range`` shows grey images on
+    0..255 rather than stretched to their own range."""
+    plt = pyplot()
+    ends = [(end, table[table["end"] == end]) for end in ("highest", "lowest")]
+    cols = max(1, *(len(part) for _, part in ends))
+    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols + 0.6, 4.2), squeeze=False)
+    for row, (end, part) in enumerate(ends):
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(part):
+                ax.axis("off")
+                continue
+            entry = part.iloc[col]
+            image = images[int(entry["index"])].permute(1, 2, 0).numpy()
+            if image.shape[2] == 1:
+                limits = {"vmin": 0, "vmax": 255} if full_range else {}
+                ax.imshow(image[:, :, 0], cmap="gray", **limits)
+            else:
+                ax.imshow(image)
+            ax.set_title(f"{entry[label]}\ntau {entry['tau']:.3f}", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{end} tau", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- command lines
+def parse_function_options(
+    function: Callable[..., Any], argv: Optional[Sequence[str]], prog: str, epilog: str = ""
+) -> tuple[Any, dict[str, Any]]:
+    """The parser of ``function``'s parameters and the keyword arguments ``argv`` gives them.
+
+    jsonargparse generates one ``--option`` per parameter (underscores as dashes) from the
+    signature and the docstring (``Args:`` entries as help, its first paragraph as the
+    description): types checked, defaults shown, parameters without a default required. List
+    and tuple values are given in brackets (``--mean '[0.5, 0.5, 0.5]'``).
+    """
+    import argparse
+
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """jsonargparse's help, with the description and epilog as they are written."""
+
+    doc = " ".join((function.__doc__ or "").split("\n\n")[0].split())
+    parser = ArgumentParser(prog=prog, description=doc, epilog=epilog, formatter_class=Formatter)
+    parser.add_function_arguments(function, as_positional=False)
+    for action in parser._actions:  # --tau_key -> --tau-key
+        for i, option in enumerate(action.option_strings):
+            if option.startswith("--") and "_" in option:
+                action.option_strings[i] = option.replace("_", "-")
+                parser._option_string_actions[action.option_strings[i]] = (
+                    parser._option_string_actions.pop(option)
+                )
+    return parser, parser.parse_args(list(argv) if argv is not None else None).as_dict()

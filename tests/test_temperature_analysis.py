@@ -99,6 +99,16 @@ def test_quantiles_of_a_known_array() -> None:
     assert ta.quantiles(np.array([])) == {}
 
 
+def test_quantiles_are_the_cores_temperature_stats() -> None:
+    """The recipes' quantiles (pandas, float64) and the core's training statistics agree."""
+    from tau_core import temperature_stats
+
+    values = np.random.default_rng(4).uniform(0.05, 1.0, 301)
+    core = temperature_stats(torch.tensor(values), prefix="tau")
+    for name, value in ta.quantiles(values).items():
+        assert value == pytest.approx(float(core[f"tau_{name}"]), rel=1e-6)
+
+
 def test_extremes_are_ordered_from_each_end() -> None:
     frame = pd.DataFrame({"name": list("abcdefg"), "tau": [0.3, 0.1, 0.7, np.nan, 0.5, 0.1, 0.9]})
     table = ta.extremes(frame, "tau", 2)
@@ -191,9 +201,12 @@ def test_long_tail_extremes_grid_and_table(tmp_path: Path) -> None:
             data.class_counts[klass],
             data.class_group[klass],
         )
-    page = "\n".join(report.temperature_sample_sections(report.PLOTS, table, None, seed=0))
-    assert f"]({report.PLOTS['tau_extremes']})" in page
-    assert page.count("| highest |") == 4 and page.count("| lowest |") == 4
+    # The report's Markdown table of them: one line per image, ends and temperatures as listed.
+    lines = report.sample_tables(table, None)["extremes"].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == ["end", "rank", "index", "class", "class size", "group", "tau"]
+    assert [c[0] for c in cells[2:]] == ["highest"] * 4 + ["lowest"] * 4
+    assert [c[6] for c in cells[2:]] == [f"{t:.4f}" for t in table["tau"]]
     with pytest.raises(ValueError, match="training-set order"):
         report.temperature_extremes(tau[:-1], data)
 
@@ -238,3 +251,38 @@ def test_temperature_vs_density_plot_reports_the_spearman_over_samples(tmp_path:
     assert len(ax.collections) == 3
     fig.savefig(tmp_path / "d.png")
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command lines
+def _options_example(
+    checkpoint: Path, key_index: Path, top: int = 20, tau_range: tuple[float, float] | None = None
+) -> None:
+    """An example command.
+
+    Args:
+        checkpoint: the checkpoint
+        key_index: the key index
+        top: captions at each end
+        tau_range: the temperature range
+    """
+
+
+def test_options_come_from_the_signature_with_dashed_names(capsys) -> None:
+    argv = ["--checkpoint", "a.pt", "--key-index", "k.txt", "--tau-range", "[0.01, 0.1]"]
+    parser, options = ta.parse_function_options(_options_example, argv, "example")
+    assert options == {
+        "checkpoint": Path("a.pt"),
+        "key_index": Path("k.txt"),
+        "top": 20,
+        "tau_range": (0.01, 0.1),
+    }
+    with pytest.raises(SystemExit):
+        ta.parse_function_options(_options_example, ["--help"], "example")
+    help_text = capsys.readouterr().out
+    assert "--key-index KEY_INDEX" in help_text and "captions at each end" in help_text
+    assert "--key_index" not in help_text and "An example command." in help_text
+    with pytest.raises(SystemExit) as exit_info:  # a required option missing
+        ta.parse_function_options(_options_example, ["--checkpoint", "a.pt"], "example")
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):  # not an int
+        ta.parse_function_options(_options_example, argv + ["--top", "many"], "example")

@@ -33,7 +33,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -46,7 +45,14 @@ import pandas as pd
 
 from recipes import temperature_analysis
 from recipes.cc3m.shards import find_shards, read_captions
-from recipes.temperature_analysis import plot_distribution_by_group, pyplot, quantiles
+from recipes.temperature_analysis import (
+    QUANTILE_COLUMNS,
+    parse_function_options,
+    plot_distribution_by_group,
+    pyplot,
+    quantiles,
+    save_figure,
+)
 
 ROLES = ("image", "text")
 FREQUENCY_MEASURES = ("rarest_word_frequency", "mean_log10_word_frequency", "caption_frequency")
@@ -237,8 +243,7 @@ def plot_train_vs_held_out(
         ax.set_xlabel(f"tau_{role}")
         ax.set_ylabel("density")
         ax.legend()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -315,8 +320,7 @@ def plot_distribution(frame: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"{role} temperatures ({len(values)} samples)")
         ax.set_xlabel(f"tau_{role}")
         ax.set_ylabel("samples")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 def plot_against_frequency(
@@ -346,11 +350,8 @@ def plot_against_frequency(
                 else np.linspace(x.min(), x.max() + 1e-9, 12)
             )
             which = np.clip(np.digitize(x, edges) - 1, 0, len(edges) - 2)
-            centers, medians = [], []
-            for b in range(len(edges) - 1):
-                if np.any(which == b):
-                    centers.append(np.median(x[which == b]))
-                    medians.append(np.median(y[which == b]))
+            medians = pd.DataFrame({"x": x, "y": y}).groupby(which).median()
+            centers, medians = medians["x"], medians["y"]
             ax.plot(centers, medians, color="black", marker="o", label="median per bin")
             ax.legend(loc="best")
         found = (
@@ -365,8 +366,7 @@ def plot_against_frequency(
         ax.set_title(f"tau_{role}: Spearman {rho:+.3f} (p {p:.2g}, n={n})")
         ax.set_xlabel(measure.replace("_", " "))
         ax.set_ylabel(f"tau_{role}")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 def plot_image_vs_text(frame: pd.DataFrame, path: Path) -> None:
@@ -382,8 +382,7 @@ def plot_image_vs_text(frame: pd.DataFrame, path: Path) -> None:
     ax.set_title(f"image vs text temperature (Spearman {rho:+.3f}, n={n})")
     ax.set_xlabel("tau_image")
     ax.set_ylabel("tau_text")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, tight=False)
 
 
 # ----------------------------------------------------------------------------- report
@@ -397,7 +396,21 @@ def analyze(
     held_out_embeddings: Optional[Path] = None,
     tau_range: Optional[tuple[float, float]] = None,
 ) -> dict[str, Any]:
-    """Runs the whole analysis and writes every file listed in the module docstring."""
+    """Step 4: plots and tables of the per-sample temperatures an iSogCLR run learned.
+
+    Args:
+        checkpoint: checkpoint (epoch_K.pt)
+        key_index: key index the run used (--tau-key-index)
+        output: folder for plots and tables
+        shards: training shards (folder, brace pattern or glob); default: the key index's folder
+        top: captions listed at each end
+        permutations: permutations of each correlation's p-value (cost grows with it and with
+            the number of samples; 0 skips the p-values)
+        held_out_embeddings: TempNet runs: torch file {'image': (n, d), 'text': (m, d)} of
+            held-out embeddings
+        tau_range: TempNet's temperature range of the run, [TAU_MIN, TAU_MAX] (default: the one
+            the checkpoint records, else the published [0.005, 0.05])
+    """
     tables, loss_name = load_temperature_tables(checkpoint)
     keys = load_keys(key_index)
     try:
@@ -439,10 +452,11 @@ def analyze(
     return summary
 
 
-def _md_cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "/").replace("\n", " ")
+def _markdown(frame: pd.DataFrame) -> str:
+    """A Markdown table, floats to 4 significant digits, one line per cell."""
+    cells = frame.map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    cells = cells.map(lambda v: v.replace("|", "/").replace("\n", " "))
+    return cells.to_markdown(index=False, disable_numparse=True)
 
 
 def _p_note(summary: Mapping[str, Any]) -> str:
@@ -457,96 +471,48 @@ def _p_note(summary: Mapping[str, Any]) -> str:
 
 def extremes_markdown(ext: pd.DataFrame) -> str:
     lines = ["# Captions with the highest and lowest learned temperatures", ""]
+    columns = {"rank": "rank", "tau": "tau", "rarest_word_frequency": "rarest word freq."}
     for (temperature, end), part in ext.groupby(["temperature", "end"], sort=False):
-        lines += [f"## {end} {temperature}", "", "| rank | tau | rarest word freq. | caption |"]
-        lines.append("|---|---|---|---|")
-        for _, row in part.iterrows():
-            cells = [row["rank"], row["tau"], row["rarest_word_frequency"], row["caption"]]
-            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-        lines.append("")
+        part = part[[*columns, "caption"]].rename(columns=columns)
+        lines += [f"## {end} {temperature}", "", _markdown(part), ""]
     return "\n".join(lines)
 
 
 def summary_markdown(summary: Mapping[str, Any], corr: pd.DataFrame) -> str:
-    lines = [
-        "# Learned temperatures",
-        "",
-        f"Checkpoint `{summary['checkpoint']}` (loss {summary['loss']}), "
-        f"{summary['num_samples']} samples; visited: {summary['visited_image']} images, "
-        f"{summary['visited_text']} captions.",
-        "",
-        "| temperature | mean | min | p10 | p50 | p90 | max |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for role in ROLES:
-        q = summary[f"tau_{role}"]
-        cells = [q.get(k, float("nan")) for k in ("mean", "min", "p10", "p50", "p90", "max")]
-        lines.append(f"| tau_{role} | " + " | ".join(_md_cell(c) for c in cells) + " |")
-    lines += [
-        "",
-        "Spearman correlation with how frequent the caption's words are (p: "
-        + _p_note(summary)
-        + "):",
-        "",
-        "| temperature | against | Spearman | p | n |",
-        "|---|---|---|---|---|",
-    ]
-    for _, row in corr.iterrows():
-        cells = [row["temperature"], row["against"], row["spearman"], row["p"], row["n"]]
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    quantiles_table = pd.DataFrame(
+        [{"temperature": f"tau_{role}", **summary[f"tau_{role}"]} for role in ROLES]
+    ).reindex(columns=["temperature", *QUANTILE_COLUMNS])
+    return (
+        "\n".join(
+            [
+                "# Learned temperatures",
+                "",
+                f"Checkpoint `{summary['checkpoint']}` (loss {summary['loss']}), "
+                f"{summary['num_samples']} samples; visited: {summary['visited_image']} images, "
+                f"{summary['visited_text']} captions.",
+                "",
+                _markdown(quantiles_table),
+                "",
+                f"Spearman correlation with how frequent the caption's words are (p: {_p_note(summary)}):",
+                "",
+                _markdown(
+                    corr[["temperature", "against", "spearman", "p", "n"]].rename(
+                        columns={"spearman": "Spearman"}
+                    )
+                ),
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.cc3m.analyze",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    """Parses the options (generated from :func:`analyze`), runs it, prints the summary."""
+    parser, options = parse_function_options(
+        analyze, argv, "python -m recipes.cc3m.analyze", epilog=__doc__.split("\n\n", 1)[1]
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (epoch_K.pt)")
-    parser.add_argument(
-        "--key-index", type=Path, required=True, help="key index the run used (--tau-key-index)"
-    )
-    parser.add_argument(
-        "--shards",
-        help="training shards (folder, brace pattern or glob); default: the key index's folder",
-    )
-    parser.add_argument("--output", type=Path, required=True, help="folder for plots and tables")
-    parser.add_argument("--top", type=int, default=20, help="captions listed at each end")
-    parser.add_argument(
-        "--permutations",
-        type=int,
-        default=PERMUTATIONS,
-        help="permutations of each correlation's p-value (cost grows with it and with the "
-        "number of samples; 0 skips the p-values)",
-    )
-    parser.add_argument(
-        "--held-out-embeddings",
-        type=Path,
-        help="TempNet runs: torch file {'image': (n, d), 'text': (m, d)} of held-out embeddings",
-    )
-    parser.add_argument(
-        "--tau-range",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("TAU_MIN", "TAU_MAX"),
-        help="TempNet's temperature range of the run (default: the one the checkpoint records, "
-        "else the published 0.005 0.05)",
-    )
-    args = parser.parse_args(argv)
     try:
-        summary = analyze(
-            args.checkpoint,
-            args.key_index,
-            args.output,
-            args.shards,
-            args.top,
-            args.permutations,
-            args.held_out_embeddings,
-            tuple(args.tau_range) if args.tau_range else None,
-        )
+        summary = analyze(**options)
     except AnalysisInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

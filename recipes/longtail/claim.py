@@ -14,21 +14,27 @@ and this module judges the claim over all those runs:
   feature space at the end of training and in pixel space) and against the size of its class,
   Spearman over samples with permutation p-values, and which of them explains the temperatures
   best (largest absolute rho).
-- :func:`claim_section`, :func:`plot_claim_curves`, :func:`plot_density`,
-  :func:`write_per_sample_csv`: the report's section, plots and per-sample table.
+- :func:`claim_tables`, :func:`plot_claim_curves`, :func:`plot_density`,
+  :func:`write_per_sample_csv`: the report section's tables, plots and per-sample table.
 """
 
 from __future__ import annotations
 
-import csv
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 
-from recipes.temperature_analysis import plot_temperature_vs_density, pyplot, spearman
+from recipes.temperature_analysis import (
+    plot_temperature_vs_density,
+    pyplot,
+    save_figure,
+    spearman,
+)
 
 SIGNIFICANCE = 0.05
 # Permutations of the per-sample Spearman tests (p cannot go below 1 / 1001).
@@ -109,22 +115,6 @@ def claim_run_from_result(
         class_counts=list(data.class_counts),
         class_means=[c["mean"] for c in per_class] or None,
     )
-
-
-def class_table(runs: Sequence[ClaimRun]) -> Optional[tuple[list[str], list[list[str]]]]:
-    """Header and rows: each class's mean temperature after the last epoch in every run, with
-    its size in that run's data in brackets (None when no run has class means)."""
-    runs = [r for r in runs if r.class_means is not None and r.classes is not None]
-    if not runs:
-        return None
-    header = ["class"] + [f"{r.class_order}, seed {r.seed}" for r in runs]
-    rows = []
-    for c, name in enumerate(runs[0].classes or []):
-        cells = [name]
-        for r in runs:
-            cells.append(f"{r.class_means[c]:.3f} ({r.class_counts[c]})")  # type: ignore[index]
-        rows.append(cells)
-    return header, rows
 
 
 def claim_rows(
@@ -227,14 +217,8 @@ def density_verdict(analyses: Sequence[Mapping[str, Any]]) -> str:
     """One line: which predictor had the largest ``|rho|`` in how many runs."""
     if not analyses:
         return "No per-sample analysis was run."
-    counts: dict[str, int] = {}
-    for a in analyses:
-        if a.get("best"):
-            counts[a["best"]] = counts.get(a["best"], 0) + 1
-    parts = [
-        f"{PREDICTORS[k]} in {v} of {len(analyses)} runs"
-        for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
-    ]
+    counts = Counter(a["best"] for a in analyses if a.get("best"))
+    parts = [f"{PREDICTORS[k]} in {v} of {len(analyses)} runs" for k, v in counts.most_common()]
 
     def mean_rho(key: str) -> str:
         values = [a[key]["rho"] for a in analyses if key in a]
@@ -251,45 +235,22 @@ def density_verdict(analyses: Sequence[Mapping[str, Any]]) -> str:
 # --------------------------------------------------------------------------- files and plots
 def write_per_sample_csv(path: Path, runs: Sequence[ClaimRun]) -> None:
     """One row per run and training sample: temperature, class, class size, densities."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "class_order",
-                "data_seed",
-                "seed",
-                "index",
-                "class",
-                "class_size",
-                "tau",
-                "feature_density",
-                "pixel_density",
-            ]
+    frames = []
+    for run in (r for r in runs if r.tau is not None):
+        frame = pd.DataFrame(
+            {
+                "class_order": run.class_order,
+                "data_seed": run.data_seed,
+                "seed": run.seed,
+                "index": np.arange(len(run.tau)),
+                "class": run.class_names if run.class_names is not None else "",
+            }
         )
-        for run in runs:
-            if run.tau is None:
-                continue
-            n = len(run.tau)
-            names = run.class_names or [""] * n
-
-            sizes, feature, pixel = (
-                [f"{v:.6g}" for v in values] if values is not None else [""] * n
-                for values in (run.class_size, run.feature_density, run.pixel_density)
-            )
-            for i in range(n):
-                writer.writerow(
-                    [
-                        run.class_order,
-                        run.data_seed,
-                        run.seed,
-                        i,
-                        names[i],
-                        sizes[i],
-                        f"{run.tau[i]:.6g}",
-                        feature[i],
-                        pixel[i],
-                    ]
-                )
+        for key in ("class_size", "tau", "feature_density", "pixel_density"):
+            values = getattr(run, key)
+            frame[key] = [f"{v:.6g}" for v in values] if values is not None else ""
+        frames.append(frame)
+    pd.concat(frames).to_csv(path, index=False, lineterminator="\r\n")
 
 
 def plot_claim_curves(path: Path, runs: Sequence[ClaimRun]) -> None:
@@ -313,9 +274,7 @@ def plot_claim_curves(path: Path, runs: Sequence[ClaimRun]) -> None:
     ax.set_title("iSogCLR: class size vs class mean temperature (filled: p < 0.05)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_density(path: Path, runs: Sequence[ClaimRun]) -> None:
@@ -337,89 +296,58 @@ def plot_density(path: Path, runs: Sequence[ClaimRun]) -> None:
             plot_temperature_vs_density(ax, values, run.tau, groups=run.class_names)
             ax.set_xlabel(f"{PREDICTORS[key]} (mean cosine of k nearest)", fontsize=8)
             ax.set_title(f"{run.name}\n" + ax.get_title(), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------- markdown
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _rho(value: float, p: float) -> str:
     if math.isnan(value):
         return "–"
     return f"{value:+.2f} ({p:.3f})" if not math.isnan(p) else f"{value:+.2f}"
 
 
-def claim_section(
-    runs: Sequence[ClaimRun],
-    verdict: Mapping[str, Any],
-    analyses: Sequence[Mapping[str, Any]],
-    plots: Mapping[str, str],
-    class_table: Optional[tuple[list[str], list[list[str]]]] = None,
-) -> list[str]:
-    """Report lines: the verdict, per-epoch Spearman of every run, the per-sample analysis."""
-    lines = [
-        "## Does the learned temperature follow class frequency? (seeds x class orders)",
-        "",
-        "iSogCLR's claim is that samples with frequent semantics get larger temperatures. With "
-        "the natural class order, frequency is confounded with how hard a class is; a permuted "
-        "order gives the frequencies to other classes. iSogCLR ran for every seed under each "
-        "order at the same settings.",
-        "",
-        f"**Verdict: {verdict['text']}**",
-        "",
-        "Spearman rho over classes (p) after each epoch:",
-        "",
-    ]
-    epochs = max((len(r.spearman) for r in runs), default=0)
-    header = ["epoch"] + [f"{r.class_order}, seed {r.seed}" for r in runs]
-    rows = []
-    for e in range(epochs):
-        cells = [str(e + 1)]
-        for r in runs:
-            cells.append(_rho(r.spearman[e], r.p_values[e]) if e < len(r.spearman) else "–")
-        rows.append(cells)
-    lines += [_table(header, rows), ""]
-    if class_table is not None:
-        lines += [
-            "Class mean temperature after the last epoch (class size in brackets; the "
-            "frequencies differ between orders):",
-            "",
-            _table(*class_table),
-            "",
-        ]
-    lines += [f"![Spearman per epoch]({plots['claim']})", ""]
-    if analyses:
-        lines += [
-            "### Per sample: temperature against local density",
-            "",
-            "The mechanism the paper names is per sample: a sample with many similar samples "
-            "gets a larger temperature. Local density, computed without labels, is the mean "
-            "cosine similarity of a training image to its k nearest training images (k = `--density-k`, default 20), in the "
-            "learned feature space at the end of training and in pixel space. Spearman rho over "
-            f"all training samples (permutation p, {SAMPLE_PERMUTATIONS} permutations) of the "
-            "learned temperature against each:",
-            "",
-        ]
-        header = ["run", "samples"] + [PREDICTORS[k] for k in PREDICTORS] + ["largest |rho|"]
-        rows = []
-        for a in analyses:
-            cells = [a["run"], str(a["samples"])]
-            for key in PREDICTORS:
-                entry = a.get(key)
-                cells.append(_rho(entry["rho"], entry["p_value"]) if entry else "–")
-            cells.append(PREDICTORS.get(a.get("best") or "", "–"))
-            rows.append(cells)
-        lines += [_table(header, rows), "", f"**{density_verdict(analyses)}**", ""]
-        lines += [f"![temperature against local density]({plots['density']})", ""]
-        lines += [
-            "`per_sample.csv` holds every run's per-sample temperature, class, class size and "
-            "both densities.",
-            "",
-        ]
-    return lines
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+def claim_tables(
+    runs: Sequence[ClaimRun], verdict: Mapping[str, Any], analyses: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What the report's claim section (``templates/claim.md.j2``) shows: the verdict, the
+    Spearman of every run after each epoch, each class's final mean temperature with its size in
+    each run's data, and the per-sample analysis (tables as Markdown; empty when absent)."""
+    names = [f"{r.class_order}, seed {r.seed}" for r in runs]
+    epochs = pd.DataFrame(
+        {
+            name: [_rho(*pair) for pair in zip(r.spearman, r.p_values)]
+            for name, r in zip(names, runs)
+        }
+        if runs
+        else {}
+    )
+    epochs = epochs.reindex(range(max((len(r.spearman) for r in runs), default=0))).fillna("–")
+    epochs.insert(0, "epoch", [str(e + 1) for e in epochs.index])
+    with_means = [(n, r) for n, r in zip(names, runs) if r.class_means is not None and r.classes]
+    classes = ""
+    if with_means:
+        frame = pd.DataFrame({"class": list(with_means[0][1].classes or [])})
+        for name, r in with_means:
+            frame[name] = [f"{m:.3f} ({n})" for m, n in zip(r.class_means, r.class_counts)]
+        classes = _markdown(frame)
+    density = pd.DataFrame(
+        [
+            [a["run"], str(a["samples"])]
+            + [_rho(a[k]["rho"], a[k]["p_value"]) if k in a else "–" for k in PREDICTORS]
+            + [PREDICTORS.get(a.get("best") or "", "–")]
+            for a in analyses
+        ],
+        columns=["run", "samples", *PREDICTORS.values(), "largest |rho|"],
+    )
+    return {
+        "verdict": verdict,
+        "epochs": _markdown(epochs),
+        "classes": classes,
+        "density": _markdown(density) if analyses else "",
+        "density_verdict": density_verdict(analyses),
+        "permutations": SAMPLE_PERMUTATIONS,
+    }

@@ -1,35 +1,26 @@
 """The report folder: results tables (CSV, JSON), PNG plots and a Markdown page.
 
 Every number written here comes from the runs' :class:`RunResult` objects; nothing is typed in.
+The tables are pandas frames (``groupby().agg`` for the mean and spread over seeds, ``to_csv``,
+``to_markdown``); the page is the jinja2 template ``templates/report.md.j2`` fed with them.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from recipes.longtail.claim import (  # noqa: E402
-    ClaimRun,
-    claim_rows,
-    claim_section,
-    claim_verdict,
-    class_table,
-    density_analysis,
-    density_verdict,
-    plot_claim_curves,
-    plot_density,
-    write_per_sample_csv,
-)
+from recipes.longtail import claim  # noqa: E402
+from recipes.longtail.claim import ClaimRun  # noqa: E402
 from recipes.longtail.data import GROUP_NAMES, LongTailData  # noqa: E402
 from recipes.longtail.train import (  # noqa: E402
     LOSS_LABELS,
@@ -38,9 +29,12 @@ from recipes.longtail.train import (  # noqa: E402
     RunResult,
 )
 from recipes.temperature_analysis import (  # noqa: E402
+    QUANTILE_COLUMNS,
     extremes,
     plot_distribution_by_group,
+    plot_extremes_grid,
     quantiles,
+    save_figure,
 )
 
 ACCURACY_KINDS = ("knn", "probe")
@@ -58,6 +52,13 @@ PLOTS = {
 EXTREMES_K = 8
 GROUP_COLORS = ("tab:blue", "tab:orange", "tab:red")
 SIGNIFICANCE = 0.05
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("recipes.longtail", "templates"),
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+)
 
 
 # --------------------------------------------------------------------------- rows and tables
@@ -71,42 +72,28 @@ def run_row(result: RunResult) -> dict[str, Any]:
             row[f"{kind}_{group}"] = result.evaluation[kind][group]
     last = result.history[-1] if result.history else {}
     row["final_loss"] = last.get("loss_mean", math.nan)
-    low, high = result.temperature_bounds
-    row["tau_bound_low"], row["tau_bound_high"] = low, high
-    if result.temperatures is not None:
-        row["tau_mean"] = result.temperatures["mean"]
-        row["tau_min"] = result.temperatures["min"]
-        row["tau_max"] = result.temperatures["max"]
-        for group in GROUP_NAMES:
-            row[f"tau_{group}"] = result.temperatures["per_group"][group]
-        row["spearman_final"] = result.temperatures["spearman"]
-        row["p_value_final"] = result.temperatures["p_value"]
+    row["tau_bound_low"], row["tau_bound_high"] = result.temperature_bounds
+    tau = result.temperatures
+    if tau is not None:
+        row.update(tau_mean=tau["mean"], tau_min=tau["min"], tau_max=tau["max"])
+        row.update({f"tau_{group}": tau["per_group"][group] for group in GROUP_NAMES})
+        row.update(spearman_final=tau["spearman"], p_value_final=tau["p_value"])
         best = max(
             (h for h in result.history if not math.isnan(h.get("spearman", math.nan))),
             key=lambda h: h["spearman"],
-            default=None,
+            default={"spearman": math.nan, "epoch": math.nan},
         )
-        row["spearman_max"] = best["spearman"] if best else math.nan
-        row["spearman_max_epoch"] = best["epoch"] if best else math.nan
+        row.update(spearman_max=best["spearman"], spearman_max_epoch=best["epoch"])
     else:
         row["tau_mean"] = last.get("tau_mean", math.nan)
         row["tau_min"] = min((h["tau_low"] for h in result.history), default=math.nan)
         row["tau_max"] = max((h["tau_high"] for h in result.history), default=math.nan)
-        for group in GROUP_NAMES:
-            row[f"tau_{group}"] = math.nan
-        for name in ("spearman_final", "p_value_final", "spearman_max", "spearman_max_epoch"):
-            row[name] = math.nan
+        row.update({f"tau_{group}": math.nan for group in GROUP_NAMES})
+        row.update(dict.fromkeys(("spearman_final", "p_value_final"), math.nan))
+        row.update(dict.fromkeys(("spearman_max", "spearman_max_epoch"), math.nan))
     row["train_seconds"] = result.train_seconds
     row["eval_seconds"] = result.eval_seconds
     return row
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    std = statistics.stdev(values) if len(values) > 1 else math.nan
-    return statistics.fmean(values), std
 
 
 SUMMARY_FIELDS = [f"{k}_{g}" for k in ACCURACY_KINDS for g in GROUPS] + [
@@ -121,31 +108,34 @@ SUMMARY_FIELDS = [f"{k}_{g}" for k in ACCURACY_KINDS for g in GROUPS] + [
 
 
 def summary_rows(rows: list[dict[str, Any]], losses: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per loss: mean and sample standard deviation over seeds of each measurement."""
-    summary = []
-    for loss in losses:
-        mine = [r for r in rows if r["loss"] == loss]
-        if not mine:
-            continue
-        row: dict[str, Any] = {"loss": loss, "label": LOSS_LABELS[loss], "seeds": len(mine)}
-        row["seed_list"] = " ".join(str(r["seed"]) for r in mine)
-        for name in SUMMARY_FIELDS:
-            mean, std = _mean_std([float(r[name]) for r in mine])
-            row[f"{name}_mean"], row[f"{name}_std"] = mean, std
-        row["tau_min"] = min(r["tau_min"] for r in mine)
-        row["tau_max"] = max(r["tau_max"] for r in mine)
-        summary.append(row)
-    return summary
+    """One row per loss: mean and sample standard deviation over seeds of each measurement
+    (NaN skipped; the deviation is NaN for one seed), and the lowest and highest temperature."""
+    frame = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["loss"])
+    frame = frame[frame["loss"].isin(losses)]
+    if frame.empty:
+        return []
+    grouped = frame.groupby("loss", sort=False)
+    stats = grouped[SUMMARY_FIELDS].agg(["mean", "std"]).astype(float)
+    stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
+    table = pd.DataFrame(
+        {
+            "label": grouped["label"].first(),
+            "seeds": grouped.size(),
+            "seed_list": grouped["seed"].agg(lambda s: " ".join(map(str, s))),
+        }
+    )
+    table = table.join(stats).assign(
+        tau_min=grouped["tau_min"].min(), tau_max=grouped["tau_max"].max()
+    )
+    table = table.reindex([loss for loss in losses if loss in table.index])
+    return table.reset_index().to_dict(orient="records")
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One line per row, the columns in the order the rows name them (NaN written ``nan``)."""
+    pd.DataFrame(list(rows), dtype=object).to_csv(
+        path, index=False, na_rep="nan", lineterminator="\r\n"
+    )
 
 
 def _json_ready(value: Any) -> Any:
@@ -201,9 +191,7 @@ def plot_accuracy(
     axes[0].set_ylim(max(0.0, lowest - 0.1), 1.0)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Accuracy per class group (error bars: standard deviation over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_training_curves(
@@ -265,9 +253,7 @@ def plot_training_curves(
     for ax in flat[panels:]:
         ax.axis("off")
     fig.suptitle("Training curves (each loss in its own units)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_temperature_by_class(path: Path, results: list[RunResult], data: LongTailData) -> None:
@@ -330,9 +316,7 @@ def plot_temperature_by_class(path: Path, results: list[RunResult], data: LongTa
     ax.grid(alpha=0.3)
     if data.num_classes <= 12:
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_temperature_histogram(path: Path, result: RunResult, data: LongTailData) -> None:
@@ -358,9 +342,7 @@ def plot_temperature_histogram(path: Path, result: RunResult, data: LongTailData
     if tau:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def temperature_extremes(
@@ -392,49 +374,16 @@ def temperature_extremes(
     return extremes(frame, "tau", k)
 
 
-def plot_temperature_extremes(
-    path: Path, table: pd.DataFrame, data: LongTailData, seed: int
-) -> None:
-    """A grid of the images in ``table`` (from :func:`temperature_extremes`): the highest
-    temperatures on the top row, the lowest on the bottom, each titled with class and tau."""
-    ends = [
-        ("highest", table[table["end"] == "highest"]),
-        ("lowest", table[table["end"] == "lowest"]),
-    ]
-    cols = max(1, *(len(part) for _, part in ends))
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols + 0.6, 4.2), squeeze=False)
-    for row, (end, part) in enumerate(ends):
-        for col in range(cols):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= len(part):
-                ax.axis("off")
-                continue
-            entry = part.iloc[col]
-            image = data.train.images[int(entry["index"])].permute(1, 2, 0).numpy()
-            if image.shape[2] == 1:
-                ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
-            else:
-                ax.imshow(image)
-            ax.set_title(f"{entry['class_name']}\ntau {entry['tau']:.3f}", fontsize=7)
-            if col == 0:
-                ax.set_ylabel(f"{end} tau", fontsize=8)
-    fig.suptitle(
-        f"iSogCLR: training images with the highest and lowest learned temperature (seed {seed})",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_temperature_extremes(
     path: Path, tau: Sequence[float], data: LongTailData, seed: int, k: int = EXTREMES_K
 ) -> pd.DataFrame:
-    """Writes the image grid of :func:`plot_temperature_extremes` to ``path``; returns the table."""
+    """Writes the image grid of :func:`temperature_extremes` (highest temperatures on the top
+    row, lowest on the bottom, each titled with class and tau) to ``path``; returns the table."""
     table = temperature_extremes(tau, data, k)
-    plot_temperature_extremes(path, table, data, seed)
+    title = (
+        f"iSogCLR: training images with the highest and lowest learned temperature (seed {seed})"
+    )
+    plot_extremes_grid(path, table, data.train.images, "class_name", title, full_range=True)
     return table
 
 
@@ -442,12 +391,13 @@ def temperature_quantiles_by_group(
     results: Sequence[RunResult], data: LongTailData
 ) -> list[dict[str, Any]]:
     """Per run and class group: samples and quantiles of the per-sample temperatures."""
-    targets = data.train.targets.tolist()
+    groups = [data.class_group[c] for c in data.train.targets.tolist()]
     rows = []
     for result in results:
-        tau = result.sample_temperatures or []
+        frame = pd.DataFrame({"group": groups[: len(result.sample_temperatures or [])]})
+        frame["tau"] = result.sample_temperatures or []
         for group in GROUP_NAMES:
-            values = [t for t, c in zip(tau, targets) if data.class_group[c] == group]
+            values = frame.loc[frame["group"] == group, "tau"].tolist()
             rows.append(
                 {"seed": result.seed, "group": group, "samples": len(values), **quantiles(values)}
             )
@@ -470,57 +420,154 @@ def _pm(row: dict[str, Any], name: str, digits: int = 3) -> str:
     return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (``DataFrame.to_markdown``) of cells taken as the text they are."""
+    frame = pd.DataFrame([list(map(str, row)) for row in rows], columns=list(header))
+    return frame.to_markdown(index=False, disable_numparse=True)
 
 
-def temperature_sample_sections(
-    plots: dict[str, str],
-    tau_extremes: Optional[pd.DataFrame],
-    tau_quantiles: Optional[list[dict[str, Any]]],
-    seed: int,
-) -> list[str]:
-    """Report lines: per-group temperature quantiles, and the images at either end of tau."""
-    lines: list[str] = []
-    if tau_quantiles:
-        lines += [
-            "Per-sample temperatures by class group after the last epoch (quantiles over the "
-            "group's training images):",
-            "",
-        ]
-        header = ["seed", "group", "images", "mean", "min", "p10", "p50", "p90", "max"]
+RESULTS_HEADER = (
+    ["loss", "temperature"]
+    + [f"{name} {group}" for name in ("kNN", "probe") for group in ("all", "head", "mid", "tail")]
+    + ["tau", "Spearman", "p"]
+)
+RUNS_COLUMNS = {
+    "loss": ("label", None),
+    "seed": ("seed", None),
+    "kNN all": ("knn_all", 3),
+    "kNN tail": ("knn_tail", 3),
+    "probe all": ("probe_all", 3),
+    "probe tail": ("probe_tail", 3),
+    "tau": ("tau_mean", 3),
+    "Spearman": ("spearman_final", 2),
+    "train s": ("train_seconds", 0),
+}
+
+
+def result_tables(
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    baseline: Optional[dict],
+    results: list[RunResult],
+    data: LongTailData,
+) -> dict[str, str]:
+    """The page's tables of the comparison: results per loss, per run, per class, per epoch."""
+    table = [
+        [r["label"], LOSS_REGISTRY[r["loss"]].temperature_kind]
+        + [_pm(r, f"{k}_{g}") for k in ACCURACY_KINDS for g in GROUPS]
+        + [_pm(r, "tau_mean"), _pm(r, "spearman_final", 2), _pm(r, "p_value_final")]
+        for r in summary
+    ]
+    if baseline:
+        table.append(
+            ["raw pixels (reference)", "–"]
+            + [_fmt(baseline[k][g]) for k in ACCURACY_KINDS for g in GROUPS]
+            + ["–", "–", "–"]
+        )
+    tables = {"results": markdown_table(RESULTS_HEADER, table), "runs": "", "class_tau": ""}
+    if len({r["seed"] for r in rows}) > 1:
         cells = [
-            [str(q["seed"]), q["group"], str(q["samples"])]
-            + [_fmt(q.get(name)) for name in ("mean", "min", "p10", "p50", "p90", "max")]
-            for q in tau_quantiles
+            [_fmt(r[key], d) if d is not None else r[key] for key, d in RUNS_COLUMNS.values()]
+            for r in rows
         ]
-        lines += [_table(header, cells), ""]
-    if tau_extremes is not None and len(tau_extremes):
-        k = int(tau_extremes["rank"].max())
-        lines += [
-            f"Training images with the {k} highest and the {k} lowest learned temperatures "
-            f"(seed {seed}); `index` is the image's position in the long-tailed training set:",
-            "",
-            f"![training images at either end of the temperatures]({plots['tau_extremes']})",
-            "",
-        ]
-        header = ["end", "rank", "index", "class", "class size", "group", "tau"]
-        cells = [
+        tables["runs"] = markdown_table(list(RUNS_COLUMNS), cells)
+    iso = [r for r in results if r.loss == "isogclr" and r.temperatures]
+    if iso:
+        order = sorted(range(data.num_classes), key=lambda c: data.class_rank[c])
+        tables["class_tau"] = markdown_table(
+            ["class", "images", "group"] + [f"tau, seed {r.seed}" for r in iso],
             [
-                str(r["end"]),
-                str(r["rank"]),
-                str(r["index"]),
-                str(r["class_name"]),
-                str(r["class_count"]),
-                str(r["group"]),
-                _fmt(float(r["tau"]), 4),
-            ]
-            for _, r in tau_extremes.iterrows()
+                [data.classes[c], data.class_counts[c], data.class_group[c]]
+                + [_fmt(r.temperatures["per_class"][c]["mean"]) for r in iso]
+                for c in order
+            ],
+        )
+        cells = []
+        for i, h in enumerate(iso[0].history):
+            hs = [r.history[i] if i < len(r.history) else {} for r in iso]
+            cells.append(
+                [h["epoch"]]
+                + [f"{_fmt(h.get('spearman'), 2)} ({_fmt(h.get('p_value'), 3)})" for h in hs]
+            )
+        tables["epoch_rho"] = markdown_table(
+            ["epoch"] + [f"seed {r.seed}: rho (p)" for r in iso], cells
+        )
+    return tables
+
+
+def sample_tables(
+    tau_extremes: Optional[pd.DataFrame], tau_quantiles: Optional[list[dict[str, Any]]]
+) -> dict[str, str]:
+    """Per-group temperature quantiles, and the images at either end of tau, as Markdown."""
+    tables = {"quantiles": "", "extremes": ""}
+    if tau_quantiles:
+        tables["quantiles"] = markdown_table(
+            ["seed", "group", "images"] + QUANTILE_COLUMNS,
+            [
+                [q["seed"], q["group"], q["samples"]]
+                + [_fmt(q.get(name)) for name in QUANTILE_COLUMNS]
+                for q in tau_quantiles
+            ],
+        )
+    if tau_extremes is not None and len(tau_extremes):
+        cells = tau_extremes[["end", "rank", "index", "class_name", "class_count", "group"]]
+        cells = cells.astype(str).assign(tau=[_fmt(float(t), 4) for t in tau_extremes["tau"]])
+        cells.columns = ["end", "rank", "index", "class", "class size", "group", "tau"]
+        tables["extremes"] = cells.to_markdown(index=False, disable_numparse=True)
+    return tables
+
+
+def settings_table(config: dict) -> str:
+    """Backbone, optimiser, budget, precision, augmentation, each loss, kNN and probe."""
+    t = config["train"]
+    rows = [
+        [
+            "backbone",
+            f"{t['backbone']} + Lightly SimCLRProjectionHead ({t['hidden_dim']}-{t['output_dim']})",
+        ],
+        [
+            "optimiser",
+            f"{t['optimizer']}, lr {t['lr']:g}, weight decay {t['weight_decay']:g}, "
+            f"warmup {t['warmup_epochs']} epochs, cosine decay per step",
+        ],
+        ["epochs, batch size", f"{t['epochs']}, {t['batch_size']}"],
+        [
+            "precision",
+            "bf16 autocast for the model, float32 for the losses"
+            if t["precision"] == "bf16"
+            else "float32",
+        ],
+        ["augmentation", f"{t['augment']}: {config['augment']}"],
+    ]
+    loss_settings = LossSettings(**config["loss"])
+    rows += [
+        [LOSS_LABELS[name], LOSS_REGISTRY[name].describe(loss_settings)]
+        for name in config["losses"]
+    ]
+    rows += [
+        [
+            "kNN",
+            f"k {t['knn_k']}, weights exp(similarity / {t['knn_t']:g}), L2-normalised backbone features",
+        ],
+        ["linear probe", f"{t['probe_epochs']} epochs of Adam on frozen, standardised features"],
+    ]
+    return markdown_table(["setting", "value"], rows)
+
+
+def data_table(data: LongTailData) -> str:
+    """Rank, class, training and test images and group of each class, most frequent first."""
+    test_counts = data.test.targets.bincount(minlength=data.num_classes).tolist()
+    rows = [
+        [
+            data.class_rank[c],
+            data.classes[c],
+            data.class_counts[c],
+            data.class_group[c],
+            test_counts[c],
         ]
-        lines += [_table(header, cells), ""]
-    return lines
+        for c in sorted(range(data.num_classes), key=lambda c: data.class_rank[c])
+    ]
+    return markdown_table(["rank", "class", "train images", "group", "test images"], rows)
 
 
 def findings(
@@ -543,7 +590,7 @@ def findings(
             gap = best[0] - worst[0]
             stds = [r[f"{kind}_all_std"] for r in summary if not math.isnan(r[f"{kind}_all_std"])]
             if stds:
-                spread = statistics.fmean(stds)
+                spread = float(pd.Series(stds).mean())
                 verdict = "more than" if gap > 2 * spread else "at most"
                 notes.append(
                     f"{title} accuracy over all classes: the losses span {100 * gap:.1f} points "
@@ -600,12 +647,11 @@ def findings(
             "the last epoch): " + "; ".join(parts) + ". A positive value is the paper's claim: "
             "frequent classes get larger temperatures, rare ones smaller."
         )
+        means = pd.DataFrame(iso_rows)[[f"tau_{g}" for g in GROUP_NAMES]].mean()
         notes.append(
-            f"Class mean temperatures by group (last epoch, mean over seeds): head "
-            f"{_fmt(_mean_std([r['tau_head'] for r in iso_rows])[0])}, middle "
-            f"{_fmt(_mean_std([r['tau_middle'] for r in iso_rows])[0])}, tail "
-            f"{_fmt(_mean_std([r['tau_tail'] for r in iso_rows])[0])}; compare with the spread "
-            "within a class (p10-p90 bars in the temperature plot)."
+            "Class mean temperatures by group (last epoch, mean over seeds): "
+            + ", ".join(f"{g} {_fmt(float(means[f'tau_{g}']))}" for g in GROUP_NAMES)
+            + "; compare with the spread within a class (p10-p90 bars in the temperature plot)."
         )
     return notes
 
@@ -621,240 +667,40 @@ def markdown(
     timing: dict,
     tau_extremes: Optional[pd.DataFrame] = None,
     tau_quantiles: Optional[list[dict[str, Any]]] = None,
-    claim_lines: Sequence[str] = (),
+    claim_context: Optional[dict[str, Any]] = None,
     claim_findings: Sequence[str] = (),
 ) -> str:
-    """The report page.
+    """The report page: ``templates/report.md.j2`` rendered with this run's tables.
 
     ``tau_extremes`` (:func:`temperature_extremes` of the first iSogCLR run) and
     ``tau_quantiles`` (:func:`temperature_quantiles_by_group`) add their tables to the
-    temperature section when given; ``claim_lines`` (:func:`claim_section`) is the section on
-    the temperature-frequency claim over seeds and class orders, and ``claim_findings`` its
-    verdicts, listed first among the findings.
+    temperature section when given; ``claim_context`` (:func:`recipes.longtail.claim.claim_tables`)
+    fills the section on the temperature-frequency claim over seeds and class orders, and
+    ``claim_findings`` its verdicts, listed first among the findings.
     """
-    t, ls = config["train"], config["loss"]
-    losses = [r["label"] for r in summary]
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [
-        f"# Long-tailed SimCLR on {data.name}: {', '.join(losses)}",
-        "",
-        f"Command: `{config['command']}`  ",
-        f"Finished {timing['finished']}, {timing['total_seconds'] / 60:.1f} minutes in all, on "
-        f"{config['environment']['device']}: {config['environment']['parallel_runs']} run(s) "
-        f"side by side with {config['environment']['threads']} thread(s) each (torch "
-        f"{config['environment']['torch']}, lightly {config['environment']['lightly']}).  ",
-        f"Seeds: {' '.join(map(str, seeds))} (model initialisation, batch order and "
-        f"augmentation); the long-tailed subset is fixed by data seed {data.data_seed}.",
-        "",
-        "## What this run can and cannot show",
-        "",
-    ]
-    lines += [f"- **{note}**" for note in claim_findings]
-    lines += [f"- {note}" for note in findings(summary, rows, baseline, bool(claim_findings))]
-    lines += [
-        f"- Budget: {t['epochs']} epochs of batch {t['batch_size']} on {len(data.train)} images. "
-        "Published long-tail "
-        "gains of these losses are 1 to 2 points after hundreds of epochs with a ResNet-18; a "
-        "run of minutes on a small backbone tests the pipeline and the temperature dynamics, "
-        "not those gains.",
-        "- Tail accuracy mixes rarity with how hard a class is (which classes are rare depends "
-        f"on the class order, here `{data.class_order}`); `--class-order permuted` with other "
-        "data seeds separates the two.",
-        "- kNN uses the long-tailed training set as its bank, which favours head classes; the "
-        "linear probe is trained on a class-balanced labelled subset and reads the features "
-        "more evenly.",
-        "",
-        "## Results",
-        "",
-        "Top-1 accuracy on the balanced test set (mean ± standard deviation over seeds where "
-        "there are several), and temperatures after the last epoch. `tau` is the mean temperature "
-        "applied to negatives' logits over the last epoch (the effective one where the loss "
-        "changes it: the cosine schedule's, MACL's model-aware one, DySTreSS's negative pairs'); "
-        "for iSogCLR the mean of its learned per-sample temperatures, with the class "
-        "correlation.",
-        "",
-    ]
-    header = [
-        "loss",
-        "temperature",
-        "kNN all",
-        "kNN head",
-        "kNN mid",
-        "kNN tail",
-        "probe all",
-        "probe head",
-        "probe mid",
-        "probe tail",
-        "tau",
-        "Spearman",
-        "p",
-    ]
-    table = []
-    for r in summary:
-        table.append(
-            [r["label"], LOSS_REGISTRY[r["loss"]].temperature_kind]
-            + [_pm(r, f"{k}_{g}") for k in ACCURACY_KINDS for g in GROUPS]
-            + [_pm(r, "tau_mean"), _pm(r, "spearman_final", 2), _pm(r, "p_value_final")]
-        )
-    if baseline:
-        table.append(
-            ["raw pixels (reference)", "–"]
-            + [_fmt(baseline[k][g]) for k in ACCURACY_KINDS for g in GROUPS]
-            + ["–", "–", "–"]
-        )
-    lines += [_table(header, table), ""]
-    if len(seeds) > 1:
-        lines += ["Per run:", ""]
-        run_header = [
-            "loss",
-            "seed",
-            "kNN all",
-            "kNN tail",
-            "probe all",
-            "probe tail",
-            "tau",
-            "Spearman",
-            "train s",
-        ]
-        lines += [
-            _table(
-                run_header,
-                [
-                    [
-                        r["label"],
-                        str(r["seed"]),
-                        _fmt(r["knn_all"]),
-                        _fmt(r["knn_tail"]),
-                        _fmt(r["probe_all"]),
-                        _fmt(r["probe_tail"]),
-                        _fmt(r["tau_mean"]),
-                        _fmt(r["spearman_final"], 2),
-                        _fmt(r["train_seconds"], 0),
-                    ]
-                    for r in rows
-                ],
-            ),
-            "",
-        ]
-    lines += [f"![accuracy per class group]({plots['accuracy']})", ""]
-
     iso = [r for r in results if r.loss == "isogclr" and r.temperatures]
-    lines += ["## Temperature against class frequency", ""]
-    if iso:
-        lines += [
-            "iSogCLR learns one temperature per training sample. Class mean temperature after "
-            "the last epoch:",
-            "",
-        ]
-        header = ["class", "images", "group"] + [f"tau, seed {r.seed}" for r in iso]
-        by_class = []
-        for c in sorted(range(data.num_classes), key=lambda c: data.class_rank[c]):
-            by_class.append(
-                [data.classes[c], str(data.class_counts[c]), data.class_group[c]]
-                + [_fmt(r.temperatures["per_class"][c]["mean"]) for r in iso]
-            )
-        lines += [_table(header, by_class), ""]
-        lines += [
-            "Spearman correlation (class count, class mean temperature) after each epoch:",
-            "",
-        ]
-        epochs = [h["epoch"] for h in iso[0].history]
-        header = ["epoch"] + [f"seed {r.seed}: rho (p)" for r in iso]
-        per_epoch = []
-        for i, epoch in enumerate(epochs):
-            cells = [str(epoch)]
-            for r in iso:
-                h = r.history[i] if i < len(r.history) else {}
-                cells.append(f"{_fmt(h.get('spearman'), 2)} ({_fmt(h.get('p_value'), 3)})")
-            per_epoch.append(cells)
-        lines += [_table(header, per_epoch), ""]
-        lines += [
-            f"![temperature by class]({plots['tau_class']})",
-            "",
-            f"![temperature histogram]({plots['tau_hist']})",
-            "",
-        ]
-        extremes_seed = next((r.seed for r in iso if r.sample_temperatures), iso[0].seed)
-        lines += temperature_sample_sections(plots, tau_extremes, tau_quantiles, extremes_seed)
-    else:
-        lines += [
-            "iSogCLR was not among the losses run, so there are no per-sample temperatures.",
-            "",
-        ]
-    lines += list(claim_lines)
-    lines += ["## Training curves", "", f"![training curves]({plots['curves']})", ""]
-
-    lines += ["## Data", ""]
-    lines += [
-        f"{data.name} from `{data.source}`: long-tailed training split with imbalance "
-        f"{data.imbalance:g} (CIFAR-10-LT profile: the class at frequency rank r keeps "
-        f"int(n_max · {data.imbalance:g}^(-r/(C-1))) images), class order `{data.class_order}`, "
-        f"{len(data.train)} training images; balanced test split of {len(data.test)} images; "
-        f"linear probe trained on {len(data.probe)} labelled images (class-balanced, from the "
-        "full training split). Groups are thirds of the frequency ranks.",
-        "",
-    ]
-    test_counts = data.test.targets.bincount(minlength=data.num_classes).tolist()
-    rows_data = [
-        [
-            str(data.class_rank[c]),
-            data.classes[c],
-            str(data.class_counts[c]),
-            data.class_group[c],
-            str(test_counts[c]),
-        ]
-        for c in sorted(range(data.num_classes), key=lambda c: data.class_rank[c])
-    ]
-    lines += [_table(["rank", "class", "train images", "group", "test images"], rows_data), ""]
-    lines += [f"- {note}" for note in data.notes] + ([""] if data.notes else [])
-
-    lines += ["## Settings", ""]
-    settings_rows = [
-        [
-            "backbone",
-            f"{t['backbone']} + Lightly SimCLRProjectionHead ({t['hidden_dim']}-{t['output_dim']})",
-        ],
-        [
-            "optimiser",
-            f"{t['optimizer']}, lr {t['lr']:g}, weight decay {t['weight_decay']:g}, "
-            f"warmup {t['warmup_epochs']} epochs, cosine decay per step",
-        ],
-        ["epochs, batch size", f"{t['epochs']}, {t['batch_size']}"],
-        [
-            "precision",
-            "bf16 autocast for the model, float32 for the losses"
-            if t["precision"] == "bf16"
-            else "float32",
-        ],
-        ["augmentation", f"{t['augment']}: {config['augment']}"],
-    ]
-    loss_settings = LossSettings(**ls)
-    settings_rows += [
-        [LOSS_LABELS[name], LOSS_REGISTRY[name].describe(loss_settings)]
-        for name in config["losses"]
-    ]
-    settings_rows += [
-        [
-            "kNN",
-            f"k {t['knn_k']}, weights exp(similarity / {t['knn_t']:g}), L2-normalised backbone features",
-        ],
-        ["linear probe", f"{t['probe_epochs']} epochs of Adam on frozen, standardised features"],
-    ]
-    lines += [_table(["setting", "value"], settings_rows), ""]
-    if config.get("eta_note"):
-        lines += [config["eta_note"], ""]
-    lines += [
-        "## Files",
-        "",
-        "- `results.csv`: one row per run (loss and seed); `summary.csv`: one row per loss, "
-        "mean and standard deviation over seeds; `results.json`: everything, with the per-epoch "
-        "history and per-class values.",
-        "- `checkpoints/`: model and loss state (iSogCLR's per-sample temperatures) per run."
-        if config.get("checkpoints")
-        else "- No checkpoints were saved (`--no-checkpoints`).",
-        "",
-    ]
-    return "\n".join(lines)
+    seeds = sorted({r["seed"] for r in rows})
+    tables = result_tables(rows, summary, baseline, results, data)
+    tables.update(sample_tables(tau_extremes, tau_quantiles), data=data_table(data))
+    tables["settings"] = settings_table(config)
+    return TEMPLATES.get_template("report.md.j2").render(
+        config=config,
+        env=config["environment"],
+        t=config["train"],
+        data=data,
+        losses=[r["label"] for r in summary],
+        seeds=seeds,
+        timing=timing,
+        plots=plots,
+        tables=tables,
+        claim_findings=claim_findings,
+        findings=findings(summary, rows, baseline, bool(claim_findings)),
+        claim=claim_context,
+        extremes_k=int(tau_extremes["rank"].max()) if tables["extremes"] else 0,
+        extremes_seed=next((r.seed for r in iso if r.sample_temperatures), iso[0].seed)
+        if iso
+        else None,
+    )
 
 
 def write_report(
@@ -891,38 +737,32 @@ def write_report(
     plot_training_curves(paths["curves_plot"], results, losses, colors)
     iso = [r for r in results if r.loss == "isogclr" and r.temperatures]
     # Plots of an earlier run in the same folder must not pass for this run's.
-    for name in (
-        PLOTS["tau_class"],
-        PLOTS["tau_hist"],
-        PLOTS["tau_extremes"],
-        PLOTS["claim"],
-        PLOTS["density"],
-        "claim.csv",
-        "per_sample.csv",
-    ):
+    for name in ("tau_class", "tau_hist", "tau_extremes", "claim", "density"):
+        (output / PLOTS[name]).unlink(missing_ok=True)
+    for name in ("claim.csv", "per_sample.csv"):
         (output / name).unlink(missing_ok=True)
     claim_document: dict[str, Any] = {}
-    claim_lines: list[str] = []
+    claim_context: Optional[dict[str, Any]] = None
     claim_findings: list[str] = []
     if claim_runs:
-        verdict = claim_verdict(claim_runs)
-        analyses = [density_analysis(r) for r in claim_runs if r.tau is not None]
-        table_rows = claim_rows(claim_runs, analyses)
+        verdict = claim.claim_verdict(claim_runs)
+        analyses = [claim.density_analysis(r) for r in claim_runs if r.tau is not None]
+        table_rows = claim.claim_rows(claim_runs, analyses)
         paths["claim_csv"] = output / "claim.csv"
         write_csv(paths["claim_csv"], table_rows)
         paths["claim_plot"] = output / PLOTS["claim"]
-        plot_claim_curves(paths["claim_plot"], claim_runs)
+        claim.plot_claim_curves(paths["claim_plot"], claim_runs)
         if analyses:
             paths["per_sample_csv"] = output / "per_sample.csv"
-            write_per_sample_csv(paths["per_sample_csv"], claim_runs)
+            claim.write_per_sample_csv(paths["per_sample_csv"], claim_runs)
             paths["density_plot"] = output / PLOTS["density"]
             # One run per class order in the plot (the first seed of each).
             shown: dict = {}
             for run in claim_runs:
                 shown.setdefault((run.class_order, run.data_seed), run)
-            plot_density(paths["density_plot"], list(shown.values()))
-        claim_lines = claim_section(claim_runs, verdict, analyses, PLOTS, class_table(claim_runs))
-        claim_findings = [verdict["text"]] + ([density_verdict(analyses)] if analyses else [])
+            claim.plot_density(paths["density_plot"], list(shown.values()))
+        claim_context = claim.claim_tables(claim_runs, verdict, analyses)
+        claim_findings = [verdict["text"]] + ([claim.density_verdict(analyses)] if analyses else [])
         claim_document = {"verdict": verdict, "runs": table_rows, "density": analyses}
     tau_extremes: Optional[pd.DataFrame] = None
     tau_quantiles: list[dict[str, Any]] = []
@@ -964,43 +804,45 @@ def write_report(
     }
     with open(paths["results_json"], "w") as handle:
         json.dump(_json_ready(document), handle, indent=1)
-    page = markdown(
-        config,
-        data,
-        rows,
-        summary,
-        baseline,
-        results,
-        PLOTS,
-        timing,
-        tau_extremes,
-        tau_quantiles,
-        claim_lines,
-        claim_findings,
+    paths["report"].write_text(
+        markdown(
+            config,
+            data,
+            rows,
+            summary,
+            baseline,
+            results,
+            PLOTS,
+            timing,
+            tau_extremes,
+            tau_quantiles,
+            claim_context,
+            claim_findings,
+        )
     )
-    paths["report"].write_text(page)
     return paths
 
 
 def summary_table(summary: list[dict[str, Any]], baseline: Optional[dict]) -> str:
-    """A fixed-width table of the main numbers, for the terminal."""
-    header = f"{'loss':<30}{'kNN':>7}{'kNN tail':>10}{'probe':>8}{'probe tail':>12}{'tau':>8}{'Spearman':>10}"
-    lines = [header, "-" * len(header)]
+    """A fixed-width table of the main numbers (accuracies in %), for the terminal."""
 
     def pct(value: float) -> str:
         return "–" if math.isnan(value) else f"{100 * value:.1f}"
 
-    for r in summary:
-        rho = r["spearman_final_mean"]
-        lines.append(
-            f"{r['label']:<30}{pct(r['knn_all_mean']):>7}{pct(r['knn_tail_mean']):>10}"
-            f"{pct(r['probe_all_mean']):>8}{pct(r['probe_tail_mean']):>12}"
-            f"{_fmt(r['tau_mean_mean']):>8}{('–' if math.isnan(rho) else f'{rho:+.2f}'):>10}"
-        )
+    cells = [
+        [r["label"], pct(r["knn_all_mean"]), pct(r["knn_tail_mean"]), pct(r["probe_all_mean"])]
+        + [pct(r["probe_tail_mean"]), _fmt(r["tau_mean_mean"])]
+        + ["–" if math.isnan(r["spearman_final_mean"]) else f"{r['spearman_final_mean']:+.2f}"]
+        for r in summary
+    ]
     if baseline:
-        lines.append(
-            f"{'raw pixels (reference)':<30}{pct(baseline['knn']['all']):>7}"
-            f"{pct(baseline['knn']['tail']):>10}{pct(baseline['probe']['all']):>8}"
-            f"{pct(baseline['probe']['tail']):>12}{'–':>8}{'–':>10}"
+        cells.append(
+            ["raw pixels (reference)"]
+            + [pct(baseline[k][g]) for k in ACCURACY_KINDS for g in ("all", "tail")]
+            + ["–", "–"]
         )
-    return "\n".join(lines)
+    header = ["loss", "kNN", "kNN tail", "probe", "probe tail", "tau", "Spearman"]
+    frame = pd.DataFrame(cells, columns=header)
+    return frame.to_markdown(
+        index=False, tablefmt="simple", disable_numparse=True, colalign=["left"] + ["right"] * 6
+    )
