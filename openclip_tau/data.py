@@ -61,12 +61,34 @@ def _drop_end_of_shard_markers(files: Iterator[dict[str, Any]]) -> Iterator[dict
     return (f for f in files if f)
 
 
+def _closed_after_use(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    # webdataset 1.0.2 never closes the shard files it opens (ResourceWarning: unclosed file).
+    # The expander asks for the next shard only when it is done with this one; the finally also
+    # runs when the pipeline stops early (the generator is closed or collected).
+    for source in sources:
+        try:
+            yield source
+        finally:
+            source["stream"].close()
+
+
 def tarfile_to_samples_nothrow(
-    src: Iterator[dict[str, Any]], handler: Callable[[Exception], bool] = None
+    src: Iterator[dict[str, Any]], handler: Optional[Callable[[Exception], bool]] = None
 ) -> Iterator[dict[str, Any]]:
-    """``open_clip_train.data.tarfile_to_samples_nothrow`` that works with webdataset 1.0.2."""
+    """``open_clip_train.data.tarfile_to_samples_nothrow`` that works with webdataset 1.0.2.
+
+    Each shard's file is closed once its samples are read, or when the pipeline stops early.
+
+    Args:
+        src: Shard descriptions, each a dict with the shard's ``"url"``.
+        handler: Called with each error while reading; returns True to go on. Default None:
+            upstream's ``log_and_continue`` (logs the error and skips the shard's rest).
+
+    Returns:
+        The samples, one dict per key (``"__key__"``, ``"__url__"`` and one entry per file).
+    """
     handler = handler or upstream_data.log_and_continue
-    streams = url_opener(src, handler=handler)
+    streams = _closed_after_use(url_opener(src, handler=handler))
     files = tar_file_expander(streams, handler=handler)
     return upstream_data.group_by_keys_nothrow(_drop_end_of_shard_markers(files), handler=handler)
 
