@@ -50,7 +50,11 @@ from openclip_tau.key_index import KeyIndex, MissingKeyError
 
 
 class SampleKeyError(ValueError):
-    """A training sample whose key cannot index the per-sample table (message: key and shard)."""
+    """A training sample whose key cannot index the per-sample table (message: key and shard).
+
+    ``python -m openclip_tau.train`` prints it as one line (the rank that read the sample) and
+    exits with code 2.
+    """
 
 
 # ------------------------------------------------------------------ webdataset 1.0.2 fix
@@ -100,6 +104,13 @@ def derive_seed(stream: str, *parts: int) -> int:
     SHA-256 of the stream's name and the integers written out in full (any size and sign), so
     distinct streams and distinct tuples get unrelated seeds (``--seed 1`` at epoch 0 has
     nothing in common with ``--seed 0`` at epoch 1), the same on every platform.
+
+    Args:
+        stream: The stream's name (``"samples"``, ``"shards"``, ``"worker"``, ...).
+        *parts: Integers of any size and sign, e.g. (seed, epoch, rank, worker).
+
+    Returns:
+        A seed in [0, 2^63).
     """
     text = ":".join([stream, *(str(int(p)) for p in parts)])
     digest = hashlib.sha256(text.encode()).digest()
@@ -107,7 +118,11 @@ def derive_seed(stream: str, *parts: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds ``torch``, ``random`` and ``numpy`` (what OpenCLIP's augmentations draw from)."""
+    """Seeds ``torch``, ``random`` and ``numpy`` (what OpenCLIP's augmentations draw from).
+
+    Args:
+        seed: In [0, 2^64) (NumPy gets its two 32-bit halves).
+    """
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
@@ -119,6 +134,12 @@ class EpochSeededShuffle(wds.PipelineStage):
     Replaces upstream's sample shuffle, which seeds from the clock. Inside a DataLoader worker it
     also seeds the worker's random generators at each pass, so random augmentations depend on the
     epoch, not on how many epochs this process has run: a resumed run repeats them.
+
+    Args:
+        bufsize: Shuffle buffer size, >= 1 (upstream's ``_SAMPLE_SHUFFLE_SIZE``).
+        initial: Samples buffered before the first is yielded, in [1, bufsize].
+        seed: The run's ``--seed``.
+        shared_epoch: Upstream's ``SharedEpoch`` (its ``get_value()`` is the epoch).
     """
 
     def __init__(self, bufsize: int, initial: int, seed: int, shared_epoch: Any) -> None:
@@ -144,7 +165,11 @@ class EpochSeededShuffle(wds.PipelineStage):
 class EpochSeededShardShuffle(upstream_data.detshuffle2):
     """``open_clip_train.data.detshuffle2`` (the shard shuffle without resampling) seeded by
     (seed, epoch): the same order on every rank and worker (it runs before the shards are
-    split between them). Upstream seeds it with seed + epoch."""
+    split between them). Upstream seeds it with seed + epoch.
+
+    Its arguments are upstream's ``detshuffle2``'s (``bufsize``, ``initial``, ``seed``,
+    ``epoch``: a ``SharedEpoch`` or an integer counted up at each pass).
+    """
 
     def run(self, src: Iterator[Any]) -> Iterator[Any]:
         if hasattr(self.epoch, "get_value"):
@@ -164,6 +189,12 @@ class EpochSeededResampledShards(upstream_data.ResampledShards2):
     from the main process's generator when the (persistent) workers start, i.e. at the first
     epoch this process runs, so a run resumed at epoch k drew other shards than an uninterrupted
     one. Here the draw depends on the epoch only.
+
+    Args:
+        urls: The shard URLs, as for upstream's class.
+        *args: Upstream's positional arguments.
+        seed: The run's ``--seed``. Default 0.
+        **kwargs: Upstream's keywords (``weights``, ``nshards``, ``worker_seed``, ``epoch``).
     """
 
     def __init__(self, urls: Any, *args: Any, seed: int = 0, **kwargs: Any) -> None:
@@ -184,7 +215,7 @@ class EpochSeededDistributedSampler(torch.utils.data.DistributedSampler):
 
     Upstream's permutation is seeded by ``seed + epoch``, so ``--seed 1`` in epoch 0 would
     repeat ``--seed 0`` in epoch 1. Padding, truncation and the split between ranks are
-    upstream's.
+    upstream's. Its arguments are ``DistributedSampler``'s (``seed`` is the run's ``--seed``).
     """
 
     def __iter__(self) -> Iterator[int]:
@@ -262,7 +293,16 @@ class _IndexedWebdataset:
 
 @contextlib.contextmanager
 def patched(module: Any, **replacements: Any) -> Iterator[None]:
-    """Temporarily replaces attributes of ``module`` (restored on exit, even on error)."""
+    """Temporarily replaces attributes of ``module`` (restored on exit, even on error).
+
+    Args:
+        module: Any object with the attributes (a module, usually).
+        **replacements: Attribute name to its value while the context is active; each name
+            must exist.
+
+    Raises:
+        AttributeError: ``module`` has no attribute of one of the names (nothing replaced).
+    """
     saved = {name: getattr(module, name) for name in replacements}
     try:
         for name, value in replacements.items():
@@ -281,6 +321,20 @@ def indexed_train_data(
     Batches are ``(images, texts, index)`` for csv and synthetic data and
     ``(images, texts, keys, shard_urls)`` for webdataset; wrap the loader in
     :class:`IndexedLoader` before upstream's training loop sees it.
+
+    Args:
+        args: ``open_clip_train``'s parsed options (``train_data``, ``dataset_type``,
+            ``seed``, ``rank``, ...).
+        preprocess_train: The training transform.
+        epoch: The epoch to start at, >= 0.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        Upstream's ``DataInfo`` of the training set.
+
+    Raises:
+        RuntimeError: Upstream's webdataset pipeline is not the one supported
+            (open-clip-torch 3.3): another sample shuffle or other fields packed.
     """
     fake_wds = _IndexedWebdataset(seed=args.seed, rank=getattr(args, "rank", 0))
     with patched(
@@ -306,9 +360,16 @@ class SampleIndexer:
     - webdataset keys go through a :class:`~openclip_tau.key_index.KeyIndex` when one is given,
       else are read as integers (img2dataset's keys are digit strings), as FastCLIP does.
 
+    Called with a batch's identities (a tensor of row numbers, or a list of keys) and,
+    for webdataset, the shards they came from (named in errors); returns the indices as int64.
+
     Args:
-        num_samples: Table size; every index must lie in [0, num_samples).
-        key_index: Dense key map, or None for integer keys.
+        num_samples: Table size, >= 1; every index must lie in [0, num_samples).
+        key_index: Dense key map. Default None: keys are read as integers.
+
+    Raises:
+        SampleKeyError: (at a call) A key not in the key index, a key that is not an integer
+            (without a key index), or an index outside [0, num_samples).
     """
 
     def __init__(self, num_samples: int, key_index: Optional[KeyIndex] = None) -> None:
@@ -357,7 +418,18 @@ class SampleIndexer:
 
 class IndexedLoader:
     """Yields ``(images, texts)`` from a loader of indexed batches, handing each batch's table
-    indices to ``on_batch`` first; other attributes (``num_batches``, ...) are the loader's."""
+    indices to ``on_batch`` first; other attributes (``num_batches``, ...) are the loader's.
+
+    Args:
+        dataloader: A loader of batches built by :func:`indexed_train_data`:
+            ``(images, texts, index)`` or ``(images, texts, keys, shard_urls)``.
+        indexer: Maps each batch's identities to table indices.
+        on_batch: Called with each batch's indices before the batch is yielded.
+
+    Raises:
+        RuntimeError: (while iterating) A batch of another number of fields.
+        SampleKeyError: (while iterating) A key the indexer refuses.
+    """
 
     def __init__(
         self, dataloader: Any, indexer: SampleIndexer, on_batch: Callable[[Tensor], None]

@@ -32,7 +32,12 @@ FORMAT_LINE = "# openclip_tau key index v1: line k after the header is the key o
 
 
 class MissingKeyError(ValueError):
-    """A sample key that the key index does not contain."""
+    """A sample key that the key index does not contain.
+
+    Args:
+        key: The key (kept as :attr:`key`).
+        message: The error message.
+    """
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
@@ -40,7 +45,18 @@ class MissingKeyError(ValueError):
 
 
 def expand_shards(shards: Union[str, Sequence[str]]) -> list[str]:
-    """Shard paths from brace patterns, joined by ``::`` as in ``--train-data``, or a list."""
+    """Shard paths from brace patterns, joined by ``::`` as in ``--train-data``, or a list.
+
+    Args:
+        shards: ``"/data/{00000..00009}.tar"`` (``::`` joins several patterns) or a list of
+            patterns or paths.
+
+    Returns:
+        The shard paths or URLs, in order.
+
+    Raises:
+        ValueError: No shard matches.
+    """
     if isinstance(shards, str):
         shards = shards.split("::")
     urls: list[str] = []
@@ -52,7 +68,11 @@ def expand_shards(shards: Union[str, Sequence[str]]) -> list[str]:
 
 
 def shard_name(url: str) -> str:
-    """The file name of a shard path or URL (what the index records)."""
+    """The file name of a shard path or URL (what the index records).
+
+    Args:
+        url: A path or URL; a query string (``?...``) and trailing slashes are dropped.
+    """
     return os.path.basename(url.split("?")[0].rstrip("/"))
 
 
@@ -112,6 +132,12 @@ def _compressed(url: str) -> bool:
 
 def shard_keys(url: str) -> list[str]:
     """Sample keys of one shard in order, split from member names as webdataset does.
+
+    Args:
+        url: A local path (complete tar checked) or anything webdataset's ``gopen`` opens.
+
+    Returns:
+        The keys, each once, in the order of their first member (metadata members skipped).
 
     Raises:
         ShardReadError: The shard is truncated or not a tar file (the message names it).
@@ -198,6 +224,11 @@ class KeyIndex:
         keys: Keys in index order (``keys[k]`` is the key of index ``k``), as a list of str.
         shards: Shard file name to its number of samples, in build order.
         path: The file it was read from.
+
+    Args:
+        keys: Keys in index order, each once.
+        shards: Shard file name to its number of samples, in build order.
+        path: The file it was read from. Default ``""`` (built in memory).
     """
 
     def __init__(self, keys: Sequence[str], shards: dict[str, int], path: str = "") -> None:
@@ -226,7 +257,18 @@ class KeyIndex:
         return "sha256:" + digest.hexdigest()
 
     def indices(self, keys: Iterable[str]) -> np.ndarray:
-        """Table index of each key, as int64; raises :class:`MissingKeyError` for an unknown key."""
+        """Table index of each key, as int64.
+
+        Args:
+            keys: Sample keys (anything ``str`` turns into one).
+
+        Returns:
+            The indices, shape (len(keys),), int64.
+
+        Raises:
+            MissingKeyError: A key that is not in the index (the first one; the message names
+                the index file and says how to rebuild it).
+        """
         query = np.array([str(k).encode() for k in keys], dtype=bytes)
         position = np.searchsorted(self._sorted, query)
         found = np.zeros(len(query), dtype=bool)
@@ -244,7 +286,19 @@ class KeyIndex:
 
 
 def load_key_index(path: Union[str, os.PathLike]) -> KeyIndex:
-    """Reads a key index written by :func:`build_key_index`."""
+    """Reads a key index written by :func:`build_key_index`.
+
+    Args:
+        path: The key index file.
+
+    Returns:
+        The loaded index.
+
+    Raises:
+        FileNotFoundError: No file at ``path`` (the message says how to build it).
+        ValueError: The file is not a key index (first line) or is truncated (fewer keys
+            than its header lists).
+    """
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -273,6 +327,18 @@ def load_key_index(path: Union[str, os.PathLike]) -> KeyIndex:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m openclip_tau.key_index --shards PATTERN --output FILE``.
+
+    Args:
+        argv: The command line without the program name. Default None: ``sys.argv[1:]``.
+
+    Returns:
+        0 once the index is written.
+
+    Raises:
+        SystemExit: Code 2 with one line on stderr when the shards cannot be indexed (no
+            match, a truncated shard, a repeated key or shard name), or for bad arguments.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m openclip_tau.key_index",
         description="Build the key-to-index map of webdataset shards for openclip_tau.train "

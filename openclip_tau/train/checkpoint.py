@@ -20,7 +20,9 @@ from openclip_tau.train.options import class_defaults
 from tau_core import load_state_shards, save_state_shards
 
 CHECKPOINT_KEYS = ("loss_state_dict", "loss_name", "loss_options")
-TEMPERATURE_GROUP = "temperature"  # the "name" of a loss's group in ``param_groups()``
+"""The entries a training checkpoint gets beside upstream's (``epoch``, ``state_dict``, ...)."""
+TEMPERATURE_GROUP = "temperature"
+"""The ``"name"`` of a loss's group in ``param_groups()`` (and in a saved optimizer state)."""
 
 
 class LossCheckpoints:
@@ -28,6 +30,19 @@ class LossCheckpoints:
     :class:`~openclip_tau.train.training.LossTraining`)."""
 
     def pt_load(self, file_path: str, map_location: Any = None) -> Any:
+        """``open_clip_train.file_utils.pt_load`` for ``--resume``: keeps the loss entries.
+
+        The loss entries and the whole optimizer state are kept for :meth:`attach_optimizer`
+        and the restore in ``create_loss``; upstream gets the optimizer state without the
+        temperature groups (its optimizer holds the model's groups only).
+
+        Args:
+            file_path: The checkpoint (a path or an fsspec URL).
+            map_location: As for ``torch.load``. Default None.
+
+        Returns:
+            The checkpoint as upstream reads it.
+        """
         checkpoint = upstream_file_utils.pt_load(file_path, map_location=map_location)
         if isinstance(checkpoint, dict) and "epoch" in checkpoint:
             self.resumed = {
@@ -132,7 +147,13 @@ class LossCheckpoints:
             )
 
     def class_kwargs(self) -> dict[str, Any]:
-        """Every keyword of the loss's constructor as this run built it (no rank/world/table)."""
+        """Every keyword of the loss's constructor as this run built it (no rank/world/table).
+
+        Returns:
+            The class's defaults updated with the ``--tau-*`` options given; ``dim`` set to the
+            model's ``embed_dim``; without ``rank``, ``world_size``, ``num_samples`` and
+            ``state_layout`` (properties of the run, not of the loss).
+        """
         kwargs = dict(class_defaults(self.spec.cls), **self.loss_kwargs)
         if "dim" in kwargs:
             kwargs["dim"] = self.embed_dim
@@ -141,7 +162,18 @@ class LossCheckpoints:
         return kwargs
 
     def save(self, obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-        """``torch.save`` for ``open_clip_train.main``: training checkpoints get the loss state."""
+        """``torch.save`` for ``open_clip_train.main``: training checkpoints get the loss state.
+
+        Args:
+            obj: What upstream saves; a dict with ``epoch``, ``state_dict`` and ``optimizer``
+                gets :meth:`checkpoint_entries`, anything else is saved as it is.
+            f: The file (path or file object) as for ``torch.save``.
+            *args: Passed on to ``torch.save``.
+            **kwargs: Passed on to ``torch.save``.
+
+        Returns:
+            What ``torch.save`` returns (None).
+        """
         if isinstance(obj, dict) and {"epoch", "state_dict", "optimizer"} <= obj.keys():
             obj = {**obj, **self.checkpoint_entries(obj["epoch"])}
             if isinstance(f, (str, os.PathLike)):
@@ -156,6 +188,13 @@ class LossCheckpoints:
         from the checkpoint alone. With ``--tau-state sharded`` the tables are not in
         ``loss_state_dict`` (rank 0 holds only its rows): every rank wrote its rows into the
         folder ``loss_options["state_shards"]``, a name relative to the checkpoint's folder.
+
+        Args:
+            completed_epoch: The number of epochs the checkpoint holds, >= 1. Default None (no
+                shard folder named: the entries of the replicated layout).
+
+        Returns:
+            The three entries of :data:`CHECKPOINT_KEYS`.
         """
         options: dict[str, Any] = {
             "kwargs": dict(self.loss_kwargs),
@@ -181,7 +220,15 @@ class LossCheckpoints:
         }
 
     def will_checkpoint(self, completed_epoch: int) -> bool:
-        """Whether upstream writes a checkpoint after ``completed_epoch`` (on the master)."""
+        """Whether upstream writes a checkpoint after ``completed_epoch`` (on the master).
+
+        Args:
+            completed_epoch: The number of epochs done, >= 1.
+
+        Returns:
+            True when ``--logs`` is set and the epoch is the last, a multiple of
+            ``--save-frequency``, or ``--save-most-recent`` is on.
+        """
         args = self.args
         if not args.logs or args.logs.lower() == "none":
             return False
@@ -197,6 +244,9 @@ class LossCheckpoints:
         Called once upstream's checkpoints of the last epoch are complete: ``epoch_latest.pt``
         names the newest folder, and ``epoch_K.pt`` (unless upstream's
         ``--delete-previous-checkpoint`` removed it) names folder K.
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
         """
         if not is_master(args):
             return
@@ -215,6 +265,14 @@ class LossCheckpoints:
         ``register_optimizer`` keeps its own learning rate schedule (the model's scheduler sets
         every group's lr; the pre-step hook sets this one's again) and the temperature's bounds.
         On ``--resume`` the saved optimizer state, temperature group included, is loaded now.
+
+        Args:
+            optimizer: The optimizer upstream built (and passes to ``train_one_epoch``).
+
+        Raises:
+            UpstreamDriftError: A later epoch passes another optimizer than the first.
+            TrainingSetupError: The optimizer is not a ``torch.optim.Optimizer``, or the saved
+                optimizer state does not fit it.
         """
         if optimizer is self.optimizer:
             return
@@ -252,7 +310,12 @@ class LossCheckpoints:
     def save_shards(self, args: argparse.Namespace, completed_epoch: int) -> None:
         """Sharded layout: every rank writes its rows (a collective) when upstream checkpoints
         ``completed_epoch``; upstream's checkpoint, written by the master after
-        ``train_one_epoch`` returns, names the folder."""
+        ``train_one_epoch`` returns, names the folder.
+
+        Args:
+            args: ``open_clip_train``'s parsed options (``checkpoint_path``).
+            completed_epoch: The number of epochs done, >= 1.
+        """
         if self.sharded() and self.will_checkpoint(completed_epoch):
             folder = os.path.join(args.checkpoint_path, shard_folder_name(completed_epoch))
             save_state_shards(self.loss, folder)
@@ -260,7 +323,14 @@ class LossCheckpoints:
 
 
 def temperature_groups(optimizer_state: dict[str, Any]) -> list[int]:
-    """Positions of the loss's temperature groups in a saved optimizer ``state_dict``."""
+    """Positions of the loss's temperature groups in a saved optimizer ``state_dict``.
+
+    Args:
+        optimizer_state: A saved ``Optimizer.state_dict()``.
+
+    Returns:
+        The positions of the groups named :data:`TEMPERATURE_GROUP`, in order (empty if none).
+    """
     return [
         i
         for i, group in enumerate(optimizer_state.get("param_groups", []))
@@ -273,6 +343,12 @@ def without_temperature_groups(optimizer_state: dict[str, Any]) -> dict[str, Any
 
     ``Optimizer.load_state_dict`` pairs the saved parameters with the optimizer's in group
     order, so the model's groups load into an optimizer that does not hold the loss's group yet.
+
+    Args:
+        optimizer_state: A saved ``Optimizer.state_dict()``.
+
+    Returns:
+        A copy without the temperature groups and the moments of their parameters.
     """
     drop = set(temperature_groups(optimizer_state))
     groups = optimizer_state["param_groups"]
@@ -285,13 +361,28 @@ def without_temperature_groups(optimizer_state: dict[str, Any]) -> dict[str, Any
 
 
 def shard_folder_name(completed_epoch: int) -> str:
-    """``epoch_K.tau_state``: the per-sample state shards of checkpoint ``epoch_K.pt``."""
+    """``epoch_K.tau_state``: the per-sample state shards of checkpoint ``epoch_K.pt``.
+
+    Args:
+        completed_epoch: K, the number of epochs the checkpoint holds, >= 1.
+    """
     return f"epoch_{completed_epoch}.tau_state"
 
 
 def read_loss_entries(path: str) -> Optional[dict[str, Any]]:
     """``epoch`` and the loss entries of a training checkpoint, read before the model is built
-    (memory-mapped: the weights are not read), or None for a bare model checkpoint."""
+    (memory-mapped: the weights are not read), or None for a bare model checkpoint.
+
+    Args:
+        path: The ``--resume`` file.
+
+    Returns:
+        ``epoch`` and those of :data:`CHECKPOINT_KEYS` it holds, or None when the file is not a
+        training checkpoint (no ``epoch``).
+
+    Raises:
+        TrainingSetupError: The file cannot be read or unpickled.
+    """
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)

@@ -26,7 +26,20 @@ class InputChecks:
     :meth:`_check` on upstream's parsed options, :meth:`check_inputs` on the files."""
 
     def _check(self, args: argparse.Namespace) -> None:
-        """Refuses option combinations once upstream has parsed its options (every rank)."""
+        """Refuses option combinations once upstream has parsed its options (every rank).
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+
+        Raises:
+            TrainingSetupError: A combination this loss does not support: ``--siglip``
+                without ``--loss siglip``, ``--tau-state`` with a loss without state or in one
+                process, a trained temperature with ``--accum-freq`` > 1, distillation, CoCa,
+                ``--horovod``, ``--local-loss`` without ``--gather-with-grad``,
+                ``--loss-dist-impl``, a ``timm/`` optimizer, ``--tau-fresh-state`` without
+                ``--resume``, a dataset type without indices, ``--tau-key-index`` with other
+                data than webdataset, or webdataset without a table size.
+        """
         if args.siglip and self.loss_name != "siglip":
             raise TrainingSetupError(
                 f"--siglip selects upstream's SigLIP loss: use --loss siglip, not --loss {self.loss_name} with --siglip."
@@ -107,6 +120,12 @@ class InputChecks:
 
         Called on every rank after ``--resume latest`` is resolved, before the model is built;
         every rank reads the same files, so every rank raises the same error.
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+
+        Raises:
+            TrainingSetupError: For each refusal above (the message names the option).
         """
         self.inputs_checked = True
         resume = args.resume
@@ -120,7 +139,20 @@ class InputChecks:
                 self._check_resumable(resume, entries)
 
     def plan_table(self, args: argparse.Namespace) -> None:
-        """Table size, sample-to-row map and its fingerprint, from the data's files."""
+        """Table size, sample-to-row map and its fingerprint, from the data's files.
+
+        Sets ``num_samples`` (``--tau-num-samples``, else the rows of the csv, the synthetic
+        samples or the keys of the key index), ``index_source`` and ``index_fingerprint``; logs
+        a warning when ``--tau-num-samples`` is larger than the data.
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+
+        Raises:
+            TrainingSetupError: ``--tau-num-samples`` below the data's rows, synthetic data
+                without ``--train-num-samples``, a training shard missing from the key index,
+                or a key index or csv that cannot be read.
+        """
         kind = train_data_kind(args)
         requested = self.options.tau_num_samples
         self.data_rows = None
@@ -193,7 +225,15 @@ class InputChecks:
 
 
 def train_data_kind(args: argparse.Namespace) -> Optional[str]:
-    """``webdataset``, ``csv`` or ``synthetic`` (resolving ``--dataset-type auto``), or None."""
+    """``webdataset``, ``csv`` or ``synthetic`` (resolving ``--dataset-type auto``), or None.
+
+    Args:
+        args: ``open_clip_train``'s parsed options (``dataset_type``, ``train_data``).
+
+    Returns:
+        The kind upstream's ``get_dataset_fn`` picks, or None without training data or for
+        another kind.
+    """
     if args.dataset_type == "synthetic":
         return "synthetic"
     if not args.train_data:
@@ -206,7 +246,18 @@ def train_data_kind(args: argparse.Namespace) -> Optional[str]:
 
 
 def model_embed_dim(model: str, loss_name: str) -> int:
-    """``embed_dim`` of an OpenCLIP model config (the dimension of the features the loss gets)."""
+    """``embed_dim`` of an OpenCLIP model config (the dimension of the features the loss gets).
+
+    Args:
+        model: The ``--model`` name.
+        loss_name: The ``--loss`` name (for the message).
+
+    Returns:
+        The config's ``embed_dim``.
+
+    Raises:
+        TrainingSetupError: No config of that name, or one without an integer ``embed_dim``.
+    """
     try:
         config = open_clip.get_model_config(model)
     except Exception as err:  # noqa: BLE001 - hf-hub lookups raise several kinds
@@ -223,7 +274,18 @@ def model_embed_dim(model: str, loss_name: str) -> int:
 
 
 def read_key_index(path: str) -> KeyIndex:
-    """:func:`load_key_index` with its errors as one-line setup errors naming the option."""
+    """:func:`~openclip_tau.key_index.load_key_index` with its errors as one-line setup errors
+    naming the option.
+
+    Args:
+        path: The ``--tau-key-index`` file.
+
+    Returns:
+        The loaded key index.
+
+    Raises:
+        TrainingSetupError: The file is missing, unreadable, not a key index or truncated.
+    """
     try:
         return load_key_index(path)
     except (OSError, ValueError) as err:
@@ -231,7 +293,18 @@ def read_key_index(path: str) -> KeyIndex:
 
 
 def csv_rows(args: argparse.Namespace) -> int:
-    """The number of rows upstream's ``CsvDataset`` reads from ``--train-data``."""
+    """The number of rows upstream's ``CsvDataset`` reads from ``--train-data``.
+
+    Args:
+        args: ``open_clip_train``'s parsed options (``train_data``, ``csv_separator``,
+            ``csv_img_key``).
+
+    Returns:
+        The number of data rows (the header excluded).
+
+    Raises:
+        TrainingSetupError: The csv cannot be read or lacks the image column.
+    """
     import pandas as pd
 
     try:

@@ -22,10 +22,11 @@ from openclip_tau.train.options import option_flag
 from tau_core import ShardedPerSampleState, describe_state_memory
 from tau_core.adapter import all_gather_variable
 
-# Sharded table statistics: at most this many visited rows per rank and table are gathered.
 SHARD_SAMPLE_ROWS = 1 << 20
-# Loggers that follow --debug / INFO as upstream sets them; every other library's keep their level.
+"""Sharded table statistics: at most this many visited rows per rank and table are gathered."""
 OWN_LOGGERS = ("open_clip", "openclip_tau", "tau_core", "lightly_tau")
+"""Loggers that follow ``--debug`` / INFO as upstream sets them; every other library's keep
+their level."""
 
 
 class Monitoring:
@@ -34,7 +35,11 @@ class Monitoring:
 
     def log_loss_setup(self, args: argparse.Namespace) -> None:
         """Master: the loss as built, its state's memory, its temperature group and the
-        distributed computation, in the log."""
+        distributed computation, in the log.
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+        """
         if is_master(args):
             table = f", per-sample table of {self.num_samples} indexed by {self.index_source}"
             dim = f", dim {self.embed_dim} (the model's embed_dim)" if self.embed_dim else ""
@@ -64,7 +69,14 @@ class Monitoring:
 
     def compare_ranks(self, args: argparse.Namespace) -> None:
         """After an epoch: replicated tables must be equal on every rank (sharded ones differ
-        by design: said once)."""
+        by design: said once).
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+
+        Raises:
+            RuntimeError: Replicated tables differ between ranks (:meth:`check_ranks_agree`).
+        """
         if self.stateful and args.distributed:
             if self.sharded():
                 if not self.said_sharded and is_master(args):
@@ -77,7 +89,15 @@ class Monitoring:
                 self.check_ranks_agree(args)
 
     def write_logit_scale(self, model: nn.Module) -> None:
-        """Writes ln(1/tau) of the loss's summary temperature into the model's ``logit_scale``."""
+        """Writes ln(1/tau) of the loss's summary temperature into the model's ``logit_scale``.
+
+        The summary temperature is the registry entry's rule (``LossSpec.temperature`` or
+        ``LossSpec.logit_scale``); a model without a ``logit_scale`` tensor, or a loss without a
+        summary yet, is left as it is.
+
+        Args:
+            model: The model, DDP-wrapped or not.
+        """
         scale = getattr(upstream_train.unwrap_model(model), "logit_scale", None)
         if not isinstance(scale, Tensor):
             return
@@ -94,7 +114,12 @@ class Monitoring:
             scale.copy_(torch.log(1.0 / tau).to(scale.dtype).reshape(scale.shape))
 
     def stat_mean(self, name: str, default: Optional[Temperature] = None) -> Optional[Temperature]:
-        """Mean of the batch statistic ``name`` over this epoch's steps so far (or ``default``)."""
+        """Mean of the batch statistic ``name`` over this epoch's steps so far (or ``default``).
+
+        Args:
+            name: A key of the loss's ``stats``.
+            default: Returned before the first step or for an unknown name. Default None.
+        """
         if name not in self.stat_sums or self.step_in_epoch == 0:
             return default
         return self.stat_sums[name] / self.step_in_epoch
@@ -145,6 +170,12 @@ class Monitoring:
         Every rank applies the same update for the whole global batch, so the tables must stay
         identical; public implementations that update only the local rank drift apart here.
         The checksums are computed where the tables are (CPU or GPU); only floats are gathered.
+
+        Args:
+            args: ``open_clip_train``'s parsed options (``world_size``).
+
+        Raises:
+            RuntimeError: The checksums of :func:`state_checksums` differ between ranks.
         """
         gathered: list[Any] = [None] * args.world_size
         torch.distributed.all_gather_object(gathered, state_checksums(self.loss))
@@ -170,6 +201,11 @@ class Monitoring:
         """Statistics to OpenCLIP's console, TensorBoard and wandb (as ``train/<name>``).
 
         Batch temperatures are named ``batch_tau_*``, whole-table ones ``table_tau_*``.
+
+        Args:
+            stats: Name to 0-d tensor.
+            step: The global step (TensorBoard's and wandb's x axis), >= 0.
+            title: The console line's start. Default ``"Loss stats"``.
         """
         names = list(stats)
         values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
@@ -198,7 +234,16 @@ class Monitoring:
 
 def quantile_stats(values: Tensor, prefix: str) -> dict[str, Tensor]:
     """Mean, min, p10, p50, p90 and max of a 1-D tensor (linear interpolation, as
-    ``torch.quantile``, which refuses more than 2^24 values; tables can be larger)."""
+    ``torch.quantile``, which refuses more than 2^24 values; tables can be larger).
+
+    Args:
+        values: Any shape (flattened); may be empty.
+        prefix: The names' start: ``tau`` gives ``tau_mean``, ``tau_min``, ``tau_p10``,
+            ``tau_p50``, ``tau_p90``, ``tau_max``.
+
+    Returns:
+        Name to 0-d float tensor; empty for empty ``values``.
+    """
     values = values.detach().float().flatten()
     if values.numel() == 0:
         return {}
@@ -216,7 +261,16 @@ def quantile_stats(values: Tensor, prefix: str) -> dict[str, Tensor]:
 
 
 def state_checksums(loss: nn.Module) -> list[tuple[str, float, float]]:
-    """Two checksums per state tensor (sum, position-weighted sum), computed on its device."""
+    """Two checksums per state tensor (sum, position-weighted sum), computed on its device.
+
+    Non-finite entries (unvisited rows) count as -1e4; the sums are rounded to 6 decimals.
+
+    Args:
+        loss: The loss module (its floating-point ``state_dict`` entries are summed).
+
+    Returns:
+        (name, sum, weighted sum) per floating-point entry.
+    """
     checksums = []
     for name, table in loss.state_dict().items():
         if isinstance(table, Tensor) and table.is_floating_point():
@@ -232,6 +286,14 @@ def sharded_sample(values: Tensor, seed: int, limit: int = SHARD_SAMPLE_ROWS) ->
     ``limit``, else a uniform sample of ``limit`` of its values (seeded by ``seed`` and the rank),
     so the table statistics of a LAION-size sharded state never gather whole tables. The
     quantiles of the union are exact for tables of up to ``limit`` visited rows per rank.
+
+    Args:
+        values: This rank's values, 1-D.
+        seed: Seeds the sample together with the rank (the run uses the epoch).
+        limit: Most values taken per rank, >= 1. Default :data:`SHARD_SAMPLE_ROWS` (2^20).
+
+    Returns:
+        The values of all ranks, concatenated in rank order.
     """
     if values.numel() > limit:
         rank = torch.distributed.get_rank()
@@ -247,6 +309,11 @@ def setup_logging(log_file: Optional[str], level: int, include_host: bool = Fals
     Upstream sets every logger that exists to ``level`` (INFO), so torch's internal loggers
     printed their INFO lines (``TorchDynamo compilation metrics``, ``FakeTensor cache stats``
     at exit) after every run; they get their own levels back.
+
+    Args:
+        log_file: Upstream's log file, or None for the console only.
+        level: The level of upstream's and our loggers (``logging.INFO`` or ``DEBUG``).
+        include_host: Whether each line names the host. Default False.
     """
     levels = {  # a placeholder (a parent not yet made) becomes a logger: NOTSET
         name: getattr(logger, "level", logging.NOTSET)

@@ -18,22 +18,27 @@ from openclip_tau.train.errors import prints_errors
 from tau_core import STATE_LAYOUTS
 
 LOSS_CHOICES = ("clip", "siglip", *LOSSES)
+"""The values of ``--loss``: upstream's two losses, then every entry of the registry."""
 LOSS_CLASSES = {name: spec.cls for name, spec in LOSSES.items()}
+"""``--loss`` name to the loss class of the registry entry."""
 STATEFUL_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.stateful)
+"""The ``--loss`` names whose class keeps per-sample state (takes ``num_samples``)."""
 
 
-# --tau-* option -> (keyword of the loss class, type, help), read from the registry's classes.
 LOSS_OPTIONS = loss_options()
-# Keywords whose option value 0 means None (the feature switched off).
+"""``--tau-*`` option (its ``dest``) to (keyword of the loss class, type, help text), read from
+the registry's classes."""
 OFF_AT_ZERO = off_at_zero()
-# Float options where inf means something (no upper bound, no clipping); every other --tau-*
-# number must be finite.
+"""Keywords whose option value 0 means None (the feature switched off)."""
 INFINITY_ALLOWED = ("tau_max", "tau_grad_clip")
-# Flags of ours that are switches (False = not given).
+"""Float options where inf means something (no upper bound, no clipping); every other
+``--tau-*`` number must be finite."""
 SWITCHES = ("tau_fresh_state",)
+"""Options of ours that are switches (False: not given)."""
 
 
 def option_flag(dest: str) -> str:
+    """The command-line flag of an option's ``dest``: ``tau_min`` gives ``--tau-min``."""
     return "--" + dest.replace("_", "-")
 
 
@@ -50,7 +55,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Parser of our options only; everything else goes to ``open_clip_train``'s parser."""
+    """Parser of our options only; everything else goes to ``open_clip_train``'s parser.
+
+    ``--loss`` (required), ``--tau-num-samples``, ``--tau-key-index``, one ``--tau-*`` option
+    per keyword of :data:`LOSS_OPTIONS` (its help text names the losses that take it and their
+    defaults), ``--tau-state``, ``--tau-fresh-state`` and ``--add-model-config``. Prefix
+    matching is off, so an abbreviation of an upstream flag is never taken for ours; its usage
+    and error lines are printed by rank 0 only.
+
+    Returns:
+        The parser, without ``--help`` (``main`` prints ours and upstream's together).
+    """
     parser = _Parser(
         prog="python -m openclip_tau.train",
         description="open_clip_train with temperature-aware losses. Options below are ours; "
@@ -126,6 +141,7 @@ def _shown(default: Any) -> str:
 
 
 def class_defaults(cls: type) -> dict[str, Any]:
+    """The keywords of ``cls``'s constructor that have a default, with their defaults."""
     return {
         name: p.default
         for name, p in inspect.signature(cls.__init__).parameters.items()
@@ -134,7 +150,24 @@ def class_defaults(cls: type) -> dict[str, Any]:
 
 
 def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Splits ``argv`` into our options (checked) and the arguments for ``open_clip_train``."""
+    """Splits ``argv`` into our options (checked) and the arguments for ``open_clip_train``.
+
+    Checked here, before anything is built: ``--loss`` given once; each ``--tau-*`` option
+    given only with a loss that takes it; ``--tau-num-samples`` > 0, ``--tau-seed`` >= 0;
+    ``--tau-*`` numbers finite (except those of :data:`INFINITY_ALLOWED`); no stray ``--tau``
+    flag; and every value the loss class checks (its ranges, ``tau_min <= tau_max``, ...), by
+    building the loss once on a one-row table, its error written with our flag names.
+
+    Args:
+        argv: The command line without the program name.
+
+    Returns:
+        Our options (a namespace with one attribute per option of :func:`build_parser`) and the
+        remaining arguments, in order, for ``open_clip_train``'s parser.
+
+    Raises:
+        SystemExit: With code 2 and one line on stderr (rank 0) for any refused option.
+    """
     parser = build_parser()
     repeated = _repeated_option(parser, argv)
     if repeated:
@@ -204,7 +237,11 @@ def _repeated_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Op
 
 
 def with_flag_names(message: str) -> str:
-    """A loss class's error message with its keyword names written as our ``--tau-*`` flags."""
+    """A loss class's error message with its keyword names written as our ``--tau-*`` flags.
+
+    ``"tau_min must be positive"`` becomes ``"--tau-min must be positive"``; longer keywords are
+    replaced first, and only whole words (not parts of other names or flags).
+    """
     names = sorted(
         ((kw, option_flag(d)) for d, (kw, _, _) in LOSS_OPTIONS.items()), key=lambda x: -len(x[0])
     )
@@ -223,11 +260,31 @@ def build_loss(
     dim: Optional[int] = None,
     state_layout: str = "replicated",
 ) -> nn.Module:
-    """The loss of ``--loss name`` (an entry of :data:`LOSSES`) with the given keywords.
+    """The loss of ``--loss name`` (an entry of the registry's ``LOSSES``) with the given keywords.
 
     ``distributed`` (``local_loss``, ``gather_with_grad``) is passed only to classes whose
     constructor takes those keywords; ``dim`` (the model's ``embed_dim``) only to those that take
-    ``dim`` (TempNet); ``state_layout`` (``replicated`` or ``sharded``) to the stateful ones.
+    ``dim`` (TempNet); ``num_samples`` and ``state_layout`` to the stateful ones.
+
+    Args:
+        name: A key of ``openclip_tau.registry.LOSSES`` (not ``clip`` or ``siglip``).
+        kwargs: Keywords of the loss class (as from :func:`loss_kwargs`).
+        num_samples: Per-sample table size, >= 1, for the stateful losses. Default None: only
+            valid for the losses without per-sample state.
+        rank: This process's rank, in [0, world_size). Default 0.
+        world_size: Number of processes, >= 1. Default 1.
+        distributed: ``local_loss`` and ``gather_with_grad`` as upstream's options give them.
+            Default None: the classes' own defaults.
+        dim: The model's ``embed_dim``, >= 1, for classes that take ``dim``. Default None.
+        state_layout: ``"replicated"`` or ``"sharded"`` (stateful losses). Default
+            ``"replicated"``.
+
+    Returns:
+        The loss module.
+
+    Raises:
+        KeyError: ``name`` is not in the registry.
+        ValueError: A keyword out of its range (the class's own check, naming the keyword).
     """
     spec = LOSSES[name]
     kw = dict(kwargs, rank=rank, world_size=world_size)
@@ -244,7 +301,15 @@ def build_loss(
 def loss_kwargs(options: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of the loss class from the ``--tau-*`` options that were given.
 
-    ``--tau-lr-drop-below 0`` (or ``none``) becomes ``lr_tau_drop_below=None``.
+    Options left out are left out (the class's defaults apply); for a keyword of
+    :data:`OFF_AT_ZERO`, 0 becomes None (``--tau-lr-drop-below 0`` gives
+    ``lr_tau_drop_below=None``).
+
+    Args:
+        options: Our options, as :func:`parse_loss_args` returns them.
+
+    Returns:
+        Keyword to value, for the options given.
     """
     return {
         kwarg: None if kwarg in OFF_AT_ZERO and value == 0 else value

@@ -37,7 +37,14 @@ def replacements(run: LossTraining) -> dict[ModuleType, dict[str, Any]]:
     ``setup_logging`` (other libraries' loggers keep their levels) and ``torch`` (``save`` with
     the loss state; DDP with ``device_ids=None`` on CPU); the data module's
     ``tarfile_to_samples_nothrow`` (end of shard, webdataset 1.0.2); the zero-shot module's
-    ``accuracy`` (NumPy 2)."""
+    ``accuracy`` (NumPy 2).
+
+    Args:
+        run: The run whose methods replace upstream's functions.
+
+    Returns:
+        Module to {name: replacement}.
+    """
     torch_overlay = _Overlay(
         torch,
         save=run.save,
@@ -64,7 +71,15 @@ def replacements(run: LossTraining) -> dict[ModuleType, dict[str, Any]]:
 
 @contextlib.contextmanager
 def installed(run: LossTraining) -> Iterator[None]:
-    """Replaces the names of :func:`replacements` for this run only (restored on exit)."""
+    """Replaces the names of :func:`replacements` for this run only (restored on exit).
+
+    Args:
+        run: The run whose methods replace upstream's functions.
+
+    Raises:
+        UpstreamDriftError: A module lacks one of the names (an ``open_clip_train`` version
+            that is not supported); raised before anything is replaced.
+    """
     table = replacements(run)
     for module, names in table.items():
         missing = [name for name in names if not hasattr(module, name)]
@@ -94,7 +109,17 @@ class _Overlay:
 def distributed_data_parallel(
     module: nn.Module, device_ids: Optional[Sequence[Any]] = None, **kwargs: Any
 ) -> nn.Module:
-    """DDP as upstream builds it, except that CPU devices give ``device_ids=None`` (CPU + gloo)."""
+    """DDP as upstream builds it, except that CPU devices give ``device_ids=None`` (CPU + gloo).
+
+    Args:
+        module: The model to wrap.
+        device_ids: Upstream's ``[device]``. Default None. All-CPU devices become None, which
+            is what ``DistributedDataParallel`` needs on CPU.
+        **kwargs: Passed on to ``torch.nn.parallel.DistributedDataParallel``.
+
+    Returns:
+        The wrapped model.
+    """
     if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
         device_ids = None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
@@ -106,6 +131,14 @@ def zero_shot_accuracy(output: Tensor, target: Tensor, topk: Sequence[int] = (1,
     Upstream (3.3.0) converts a 1-element array with ``float()``, which NumPy >= 2.3 refuses
     ("only 0-dimensional arrays can be converted"), so ``--imagenet-val`` crashed at the first
     evaluation batch. Same result: the number of samples whose target is among the top-k logits.
+
+    Args:
+        output: Logits, shape (batch, classes).
+        target: Class of each sample, shape (batch,).
+        topk: The k's, each in [1, classes]. Default (1,).
+
+    Returns:
+        For each k, the number of samples whose target is among their k largest logits.
     """
     pred = output.topk(max(topk), 1, True, True)[1].t()
     correct = pred.eq(target.view(1, -1).expand_as(pred))
@@ -117,7 +150,15 @@ class UpstreamGuards:
     (mixed into :class:`~openclip_tau.train.training.LossTraining`)."""
 
     def verify_checkpoints(self, completed_epoch: int) -> None:
-        """Raises if a checkpoint upstream wrote for ``completed_epoch`` lacks our entries."""
+        """Raises if a checkpoint upstream wrote for ``completed_epoch`` lacks our entries.
+
+        Args:
+            completed_epoch: The number of epochs done (upstream's ``epoch_K.pt`` name), >= 1.
+
+        Raises:
+            UpstreamDriftError: ``epoch_K.pt`` or ``tmp.pt`` was due but not written through
+                the replaced ``torch.save``.
+        """
         args = self.args
         if not args.save_logs:
             return
@@ -138,7 +179,12 @@ class UpstreamGuards:
         self.saved_paths.clear()
 
     def check_loss_was_called(self) -> None:
-        """Raises unless upstream's loop called our loss once per batch it drew (with indices)."""
+        """Raises unless upstream's loop called our loss once per batch it drew (with indices).
+
+        Raises:
+            UpstreamDriftError: The loss was called fewer times than batches were drawn (or, for
+                the losses without per-sample state, never in this epoch).
+        """
         if self.stateful:
             accum = self.args.accum_freq
             used = self.batches_seen - len(self.pending)  # a last incomplete group is dropped

@@ -59,7 +59,13 @@ class IndexedLoss(nn.Module):
     """Calls our loss the way ``open_clip_train`` calls its losses, adding the batch's indices.
 
     ``train_one_epoch`` calls ``loss(**model_out, output_dict=True)``; the indices come from the
-    run's queue, filled by the data loader (see the module docstring for ``--accum-freq``).
+    run's queue, filled by the data loader. With ``--accum-freq k`` upstream calls the loss
+    k times per optimizer step on the step's k batches together; the state is written by the
+    last of those calls only.
+
+    Args:
+        loss: Our loss module (an entry of ``openclip_tau.registry.LOSSES``).
+        run: The run whose queue holds the batches' indices.
     """
 
     def __init__(self, loss: nn.Module, run: LossTraining) -> None:
@@ -76,6 +82,25 @@ class IndexedLoss(nn.Module):
         output_dict: bool = False,
         **other_outputs: Tensor,
     ) -> Any:
+        """The loss of one call of upstream's loop, with the indices of the batches it covers.
+
+        Args:
+            image_features: Shape (batch, dim).
+            text_features: Shape (batch, dim).
+            logit_scale: The model's ``logit_scale`` (upstream passes it). Default None.
+            logit_bias: The model's ``logit_bias`` (SigLIP models). Default None.
+            output_dict: Whether to return the dict of losses. Default False.
+            **other_outputs: Other model outputs; any given is refused.
+
+        Returns:
+            ``{"contrastive_loss": loss}`` with ``output_dict``, else the loss (0-d).
+
+        Raises:
+            ValueError: The model returns more than image and text features (CoCa,
+                distillation).
+            UpstreamDriftError: The queue does not hold the indices of ``--accum-freq``
+                batches.
+        """
         if other_outputs:
             raise ValueError(
                 f"--loss {self.run.loss_name} trains CLIP-style models (image_features, "
@@ -99,7 +124,17 @@ class IndexedLoss(nn.Module):
 
 
 class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
-    """One training run: our options, the loss, the index queue, and upstream's patched names."""
+    """One training run: our options, the loss, the index queue, and upstream's patched names.
+
+    Its methods replace ``open_clip_train.main``'s ``parse_args``,
+    ``create_model_and_transforms``, ``get_data``, ``create_loss``, ``train_one_epoch``,
+    ``pt_load`` and ``torch.save`` while :meth:`installed` is active; the checks, checkpoints,
+    statistics and guards come from the mixins of the other modules.
+
+    Args:
+        options: Our options, as :func:`~openclip_tau.train.options.parse_loss_args` returns
+            them.
+    """
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
@@ -150,6 +185,19 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
             yield
 
     def parse_args(self, argv: Sequence[str]) -> argparse.Namespace:
+        """Upstream's ``parse_args`` (usage and errors on rank 0 only), then our checks.
+
+        Args:
+            argv: The arguments left for upstream by ``parse_loss_args``.
+
+        Returns:
+            Upstream's options, with ``loss`` and our options added (so ``params.txt`` and
+            wandb list them).
+
+        Raises:
+            TrainingSetupError: An option combination the loss does not support.
+            SystemExit: Upstream's parser refuses the arguments (code 2).
+        """
         quiet = (
             contextlib.nullcontext()
             if prints_errors()
@@ -169,6 +217,21 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
     def get_data(
         self, args: argparse.Namespace, preprocess_fns: Any, epoch: int = 0, tokenizer: Any = None
     ) -> dict[str, Any]:
+        """Upstream's ``get_data``; for the losses with state the training set carries indices.
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+            preprocess_fns: The (train, validation) transforms.
+            epoch: The epoch to start at, >= 0. Default 0.
+            tokenizer: The model's tokenizer. Default None.
+
+        Returns:
+            Upstream's data dict; ``"train"`` holds an :class:`~openclip_tau.data.IndexedLoader`.
+
+        Raises:
+            UpstreamDriftError: Upstream built a csv or synthetic training set of another size
+                than was counted.
+        """
         if not self.stateful:
             return upstream_data.get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         # Validation and zero-shot sets as upstream builds them; the training set with indices.
@@ -198,12 +261,38 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
 
     def create_model_and_transforms(self, *args: Any, **kwargs: Any) -> Any:
         """``open_clip.create_model_and_transforms`` for ``open_clip_train.main``, after
-        :meth:`check_inputs` (once): bad inputs are refused before the model is built."""
+        :meth:`check_inputs` (once): bad inputs are refused before the model is built.
+
+        Args:
+            *args: Passed on to ``open_clip.create_model_and_transforms``.
+            **kwargs: Passed on to ``open_clip.create_model_and_transforms``.
+
+        Returns:
+            What ``open_clip.create_model_and_transforms`` returns.
+
+        Raises:
+            TrainingSetupError: A refused input (:meth:`check_inputs`).
+        """
         if not self.inputs_checked:
             self.check_inputs(self.args)
         return self._create_model(*args, **kwargs)
 
     def create_loss(self, args: argparse.Namespace) -> nn.Module:
+        """Upstream's ``create_loss`` for ``clip`` and ``siglip``; ours otherwise.
+
+        Ours is built on the training device, wrapped in :class:`IndexedLoss`, and its state
+        restored from ``--resume`` (unless ``--tau-fresh-state``).
+
+        Args:
+            args: ``open_clip_train``'s parsed options.
+
+        Returns:
+            The loss upstream's loop calls.
+
+        Raises:
+            TrainingSetupError: ``--tau-state sharded`` in one process, a model config without
+                ``embed_dim`` (TempNet), or a checkpoint whose loss state cannot be restored.
+        """
         if not self.ours:
             self.loss = open_clip.create_loss(args)
             result = self.loss
@@ -241,7 +330,11 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         return isinstance(getattr(self.loss, "state", None), ShardedPerSampleState)
 
     def option(self, kwarg: str) -> Any:
-        """The loss's keyword ``kwarg`` as given (``--tau-*``) or the class default (or None)."""
+        """The loss's keyword ``kwarg`` as given (``--tau-*``) or the class default (or None).
+
+        Args:
+            kwarg: A keyword of the loss class, e.g. ``"rho"``.
+        """
         if kwarg in self.loss_kwargs:
             return self.loss_kwargs[kwarg]
         return class_defaults(self.spec.cls).get(kwarg) if self.ours else None
@@ -251,7 +344,11 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
             logging.log(level, message)
 
     def on_batch(self, index: Tensor) -> None:
-        """Called by the data loader with the table indices of each batch it yields."""
+        """Called by the data loader with the table indices of each batch it yields.
+
+        Args:
+            index: The batch's table indices, shape (batch,), int64.
+        """
         self.pending.append(index)
         self.batches_seen += 1
 
@@ -269,7 +366,15 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         tb_writer: Any = None,
     ) -> Any:
         """``open_clip_train.train.train_one_epoch`` between the loss's epoch start (optimizer
-        group, queue, seeds, ``logit_scale``) and its epoch end (checks, statistics, shards)."""
+        group, queue, seeds, ``logit_scale``) and its epoch end (checks, statistics, shards).
+
+        The arguments are upstream's, passed on unchanged (except that the scheduler, for our
+        losses, also writes the loss's temperature into the model's ``logit_scale``).
+
+        Raises:
+            UpstreamDriftError: Upstream's loop did not call the loss once per batch, or wrote
+                a checkpoint without the loss entries.
+        """
         self.start_epoch(model, data, epoch, optimizer, args, tb_writer)
 
         def scheduler_then_scale(step: int) -> Any:
@@ -304,7 +409,20 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         tb_writer: Any,
     ) -> None:
         """Before upstream's epoch: the last epoch's checkpoints checked, the temperature group
-        added (once), the per-epoch progress reset, the seeds and the model's scale set."""
+        added (once), the per-epoch progress reset, the seeds and the model's scale set.
+
+        Args:
+            model: The model (its ``logit_scale`` is set).
+            data: Upstream's data dict (``data["train"].dataloader.num_batches``).
+            epoch: The epoch starting, >= 0.
+            optimizer: Upstream's optimizer (gets the temperature group).
+            args: ``open_clip_train``'s parsed options.
+            tb_writer: Upstream's TensorBoard writer, or None.
+
+        Raises:
+            UpstreamDriftError: The last epoch's checkpoint lacks the loss entries, or another
+                optimizer than the first epoch's.
+        """
         if self.last_completed is not None:
             self.verify_checkpoints(self.last_completed)
             self.remove_unreferenced_shards(args)
@@ -333,7 +451,18 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         self, model: nn.Module, epoch: int, args: argparse.Namespace, tb_writer: Any
     ) -> None:
         """After upstream's epoch: the loss was called, table statistics, the scale unclamped,
-        the ranks compared, the shards written."""
+        the ranks compared, the shards written.
+
+        Args:
+            model: The model (its ``logit_scale`` is set).
+            epoch: The epoch that ended, >= 0.
+            args: ``open_clip_train``'s parsed options.
+            tb_writer: Upstream's TensorBoard writer, or None.
+
+        Raises:
+            UpstreamDriftError: The loss was not called once per batch.
+            RuntimeError: Replicated tables differ between ranks.
+        """
         if self.ours:
             self.check_loss_was_called()
             stats = self.table_stats()
@@ -347,7 +476,15 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         self.save_shards(args, epoch + 1)
 
     def next_call(self) -> tuple[Optional[Tensor], bool]:
-        """The indices for this loss call, and whether it is the last call of its step."""
+        """The indices for this loss call, and whether it is the last call of its step.
+
+        Returns:
+            The queued batches' indices concatenated (None for the losses without state), and
+            True on the ``--accum-freq``-th call of a step.
+
+        Raises:
+            UpstreamDriftError: The queue does not hold ``--accum-freq`` batches.
+        """
         self.calls += 1
         write = self.calls >= self.args.accum_freq
         if not self.stateful:
@@ -365,7 +502,12 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         return torch.cat(self.pending), write
 
     def end_step(self, stats: dict[str, Tensor]) -> None:
-        """After the last loss call of an optimizer step: reset the queue, log statistics."""
+        """After the last loss call of an optimizer step: reset the queue, log statistics.
+
+        Args:
+            stats: The step's statistics (name to 0-d tensor), summed for the epoch's means and
+                logged every ``--log-every-n-steps`` steps.
+        """
         self.pending.clear()
         self.calls = 0
         i = self.step_in_epoch
@@ -382,7 +524,19 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
-    """Runs ``open_clip_train.main.main`` with the chosen loss; returns what it returns."""
+    """Runs ``open_clip_train.main.main`` with the chosen loss; returns what it returns.
+
+    Args:
+        argv: The command line without the program name (a leading ``--`` is dropped, as
+            torchrun passes it). Default None: ``sys.argv[1:]``.
+
+    Returns:
+        What ``open_clip_train.main.main`` returns.
+
+    Raises:
+        TrainingSetupError: A refused input, found before the model is built.
+        SystemExit: ``--help`` (code 0) or a refused option (code 2, one line on stderr).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # torchrun ... -m openclip_tau.train -- <args>
         argv = argv[1:]
@@ -420,6 +574,9 @@ def cli() -> None:
 
     Under torchrun every rank finds a setup error and exits with 2; rank 0 prints it. A sample
     key outside the table is seen by the rank whose data holds it: that rank prints it.
+
+    Raises:
+        SystemExit: Always: 0 after training, 2 for a setup error or a bad sample key.
     """
     try:
         code = main()
