@@ -125,3 +125,72 @@ def test_docstring_examples_run(module_name: str) -> None:
     torch.manual_seed(0)
     result = doctest.testmod(importlib.import_module(module_name))
     assert result.attempted > 0 and result.failed == 0, result
+
+
+# ---------------------------------------------------------------- the architecture drawing
+def architecture():
+    """The hook that draws the design page's architecture (docs/hooks/architecture.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("architecture", DOCS / "hooks/architecture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_drawing_shows_every_module_and_only_modules_that_exist() -> None:
+    """The modules of tau_core, lightly_tau and openclip_tau are the drawing's nodes.
+
+    Left out: the packages' ``__init__`` (they gather the public names; tau_core's is drawn as
+    its public API) and ``__main__`` (it calls the entry point).
+    """
+    drawing = architecture()
+    modules = drawing.source_modules()
+    in_tree = {
+        name
+        for name, path in modules.items()
+        if path.name not in ("__init__.py", "__main__.py") or name == "tau_core"
+    }
+    drawn = set(drawing.drawn_modules()) - set(drawing.FOLDERS)
+    assert sorted(in_tree - drawn) == [], "modules missing from the drawing"
+    assert sorted(drawn - in_tree) == [], "modules drawn that do not exist"
+    assert len(drawing.drawn_modules()) == len(set(drawing.drawn_modules()))
+
+
+def test_the_drawing_arrows_are_the_imports() -> None:
+    drawing = architecture()
+    edges = drawing.import_edges()
+    # direct imports are drawn; a transitive one (registry -> tau_core via losses) is not
+    assert ("openclip_tau.registry", "openclip_tau.losses") in edges
+    assert ("tau_core.tiled", "tau_core.functional") in edges
+    assert ("lightly_tau.registry", "lightly_tau.losses") in edges
+    assert ("openclip_tau.train.checks", "openclip_tau.key_index") in edges
+    assert ("openclip_tau.train.training", "openclip_tau.train.errors") not in edges
+    # the adapters reach the core through its public surfaces only
+    surfaces = {"tau_core", "tau_core.adapter", "tau_core.options"}
+    into_core = {
+        (a, b) for a, b in edges if b.startswith("tau_core") and not a.startswith("tau_core")
+    }
+    assert into_core and {b for _, b in into_core} <= surfaces, into_core
+    # layers are defined: no module imports itself through others
+    after: dict[str, set[str]] = {}
+    for a, b in edges:
+        after.setdefault(a, set()).add(b)
+
+    def below(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in after.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    assert [m for m in after if m in below(m)] == [], "import cycle"
+
+
+def test_the_built_site_draws_the_tree(site: Path) -> None:
+    drawing = (site / "images" / "architecture.svg").read_text()
+    for module in architecture().drawn_modules():
+        assert f"<title>{module}</title>" in drawing, module
+    assert 'src="images/architecture.svg"' in (site / "design.html").read_text()
