@@ -194,3 +194,13 @@ def test_the_built_site_draws_the_tree(site: Path) -> None:
     for module in architecture().drawn_modules():
         assert f"<title>{module}</title>" in drawing, module
     assert 'src="images/architecture.svg"' in (site / "design.html").read_text()
+
+
+def test_every_name_of_the_training_wrapper_is_in_the_api_reference(site: Path) -> None:
+    """``openclip_tau.train`` re-exports names of its modules; each has its entry there."""
+    import openclip_tau.train
+
+    page = (site / "api" / "openclip_tau.html").read_text()
+    for name in openclip_tau.train.__all__:
+        found = re.search(rf'id="openclip_tau\.(train\.\w+|registry)\.{name}"', page)
+        assert found or f'id="openclip_tau.{name}"' in page, name

@@ -1,5 +1,5 @@
 """OpenCLIP's own training loop with a ``--loss`` choice: clip, siglip, sogclr, isogclr, rgclg,
-tempnet, dystress (``python -m openclip_tau.train``; docs/openclip.md is the guide).
+tempnet, dystress (``python -m openclip_tau.train``; the OpenCLIP guide of the documentation).
 
 Nothing of the training loop is copied: ``open_clip_train.main.main`` runs as it is, with the
 names it bound at import replaced for the duration of the run. The package is split as
@@ -13,6 +13,7 @@ names it bound at import replaced for the duration of the run. The package is sp
 - :mod:`~openclip_tau.train.checkpoint`: the loss state in checkpoints, resume, the optimizer's
   temperature groups;
 - :mod:`~openclip_tau.train.monitoring`: statistics, the model's ``logit_scale``, logging;
+- :mod:`~openclip_tau.train.errors`: its two errors and which rank prints them;
 - :mod:`~openclip_tau.train.training`: :class:`LossTraining`, which coordinates them, and the
   entry points :func:`main` and :func:`cli`.
 """
