@@ -61,5 +61,12 @@ def test_readme_openclip_command_uses_the_example_scripts_flags() -> None:
 
 
 def test_readme_links_resolve() -> None:
-    for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)", README):
+    """Every link of the README that is not a web address names a file of the repository."""
+    targets = [
+        link.split("#")[0]
+        for link in re.findall(r"\]\(([^)\s]+)\)", README)
+        if not link.startswith(("http://", "https://", "#", "mailto:"))
+    ]
+    assert targets  # the README links into the documentation
+    for target in targets:
         assert (REPO_ROOT / target).exists(), target
