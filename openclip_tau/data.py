@@ -151,6 +151,7 @@ class EpochSeededShuffle(wds.PipelineStage):
         self._pass = 0  # passes over the shards within one epoch (an epoch can wrap around)
 
     def run(self, src: Iterator[Any]) -> Iterator[Any]:
+        """The samples of ``src`` shuffled in a buffer, seeded for this epoch and pass."""
         epoch = self.shared_epoch.get_value()
         self._pass = self._pass + 1 if epoch == self._epoch else 0
         self._epoch = epoch
@@ -172,6 +173,7 @@ class EpochSeededShardShuffle(upstream_data.detshuffle2):
     """
 
     def run(self, src: Iterator[Any]) -> Iterator[Any]:
+        """The shards of ``src`` shuffled, seeded by (seed, epoch)."""
         if hasattr(self.epoch, "get_value"):
             epoch = self.epoch.get_value()
         else:  # upstream's own count when no shared epoch is given

@@ -371,6 +371,18 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
         The arguments are upstream's, passed on unchanged (except that the scheduler, for our
         losses, also writes the loss's temperature into the model's ``logit_scale``).
 
+        Args:
+            model: The model.
+            data: Upstream's data dict (``"train"`` and the evaluation sets).
+            loss: The loss of :meth:`create_loss`.
+            epoch: The epoch, >= 0.
+            optimizer: Upstream's optimizer.
+            scaler: The AMP gradient scaler, or None.
+            scheduler: Upstream's learning-rate schedule (called with the step), or None.
+            dist_model: The distillation model, or None.
+            args: ``open_clip_train``'s parsed options.
+            tb_writer: Upstream's TensorBoard writer. Default None.
+
         Raises:
             UpstreamDriftError: Upstream's loop did not call the loss once per batch, or wrote
                 a checkpoint without the loss entries.
