@@ -419,7 +419,8 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> list:
     [
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--imbalance", "0.5"], "--imbalance must be >= 1"),
-        (["--losses", "ntxent", "infonce"], "invalid choice: 'infonce'"),
+        (["--losses", "ntxent", "infonce"], "--losses element 2"),
+        (["--epochs", "0"], "--epochs:\n  Not of type PositiveInt"),
         (["--isogclr-tau-min", "2.0"], "tau_min (2) must not exceed tau_max (1)"),
         (["--dataset", "folder"], "--dataset folder needs exactly one PATH"),
         (["--dataset", "folder", "/no/such/folder"], "is not a directory"),
