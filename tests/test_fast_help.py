@@ -1,14 +1,19 @@
-"""``--help`` of the entry points answers before the host libraries are imported."""
+"""``--help`` of the entry points answers before torch and the host libraries are imported."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import subprocess
 import sys
 
 import pytest
 
+from recipes import registry_source
+
 # What a command needs only once it runs (each costs seconds of CPU to import).
 HOST_LIBRARIES = (
+    "torch",
     "lightly",
     "pytorch_lightning",
     "lightning",
@@ -39,6 +44,17 @@ print(usage.ru_utime + usage.ru_stime, ",".join(loaded), "usage:" in out.getvalu
 """
 
 
+CONSOLE_PROBE = """
+import contextlib, io, sys
+from recipes import scripts
+sys.argv = ["lightly-tau-longtail", "--help"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    scripts.longtail()
+print(0, "torch" in sys.modules, "--isogclr-eta" in out.getvalue())
+"""
+
+
 def _probe(code: str, *args: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
@@ -54,3 +70,24 @@ def test_help_imports_no_host_library(module: str) -> None:
     _, loaded, has_usage = _probe(code, module)
     assert has_usage.strip() == "True"
     assert loaded == "", f"{module} --help imported {loaded}"
+
+
+@pytest.mark.slow
+def test_console_script_help_imports_no_torch() -> None:
+    _, torch_loaded, lists_registry = _probe(CONSOLE_PROBE)
+    assert (torch_loaded, lists_registry.strip()) == ("False", "True")
+
+
+@pytest.mark.parametrize("host", registry_source.HOSTS)
+def test_registry_read_from_source_equals_the_imported_registry(host: str) -> None:
+    """The options ``--help`` reads from the source are those of the classes themselves."""
+    registry = importlib.import_module(f"{host}.registry")
+    options, constants = registry_source._from_source(host)
+    assert list(options) == list(registry.LOSSES)
+    for name, read in options.items():
+        live = registry.options(name)
+        assert {k: dataclasses.astuple(o) for k, o in read.items()} == {
+            k: dataclasses.astuple(o) for k, o in live.items()
+        }, name
+    if host == "openclip_tau":
+        assert constants["UPSTREAM_LOSSES"] == registry.UPSTREAM_LOSSES

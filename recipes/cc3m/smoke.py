@@ -143,8 +143,10 @@ def run_smoke(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from openclip_tau.registry import loss_choices  # every --loss of openclip_tau.train
+    from recipes.registry_source import constant, loss_options
 
+    # Every --loss of openclip_tau.train (registry.loss_choices()), read without torch.
+    loss_choices = (*constant("openclip_tau", "UPSTREAM_LOSSES"), *loss_options("openclip_tau"))
     parser = argparse.ArgumentParser(
         prog="python -m recipes.cc3m.smoke",
         description=__doc__.split("\n\n")[0],
@@ -155,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--losses",
         nargs="+",
-        choices=loss_choices(),
+        choices=loss_choices,
         default=["isogclr"],
         help="losses to train (the analysis needs isogclr; tempnet adds the held-out analysis)",
     )
