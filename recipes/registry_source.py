@@ -107,6 +107,16 @@ def _from_source(host: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     return {n: class_options(_class_stub(p)) for n, p in entries.items()}, constants
 
 
+def class_options(import_path: str) -> dict[str, Any]:
+    """The options of class ``module:Name`` read from its source (imported if that fails)."""
+    try:
+        return _options_module().class_options(_class_stub(import_path))
+    except Exception:  # a signature that is not literal: read the class itself
+        module, _, name = import_path.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        return importlib.import_module("tau_core.options").class_options(cls)
+
+
 def _read(host: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     live = sys.modules.get(f"{host}.registry")
     if live is None:

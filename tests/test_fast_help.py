@@ -25,6 +25,8 @@ HOST_LIBRARIES = (
 ENTRY_POINTS = (
     "recipes.longtail",
     "recipes.longtail.sweep",
+    "recipes.simclr.simclr",
+    "recipes.simclr.simclr_lightning",
     "recipes.cc3m.smoke",
     "recipes.cc3m.evaluate",
     "recipes.cc3m.analyze",
