@@ -10,18 +10,32 @@ text of the class docstring's ``Args:`` entry (or ``field(metadata={"help": ...}
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 import typing
-from typing import Any, Optional
+from argparse import RawDescriptionHelpFormatter
+from typing import Any, Optional, Sequence
 
 import docstring_parser
 from jsonargparse import ArgumentParser as _ArgumentParser
+from jsonargparse import DefaultHelpFormatter
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 
-__all__ = ["ArgumentParser", "FiniteFloat", "NonNegativeInt", "PositiveInt", "add_dataclass"]
+__all__ = [
+    "ArgumentParser",
+    "FiniteFloat",
+    "NonNegativeInt",
+    "PositiveInt",
+    "add_dataclass",
+    "parse_for",
+]
 
 FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
+
+
+class RawDescription(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description and epilog kept as written."""
 
 
 class ArgumentParser(_ArgumentParser):
@@ -32,33 +46,46 @@ class ArgumentParser(_ArgumentParser):
         super().error(message, *args, **kwargs)
 
 
-def _default(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
+def _parameters(source: Any) -> list[tuple[str, Any, Any, Any]]:
+    """``(name, type, default, metadata)`` of each field of a dataclass, or each parameter of a
+    function (``dataclasses.MISSING`` where there is no default)."""
+    hints = typing.get_type_hints(source)
+    if dataclasses.is_dataclass(source):
+        return [
+            (
+                f.name,
+                hints[f.name],
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
+                f.metadata,
+            )
+            for f in dataclasses.fields(source)
+        ]
+    empty = inspect.Parameter.empty
+    return [
+        (p.name, hints[p.name], dataclasses.MISSING if p.default is empty else p.default, {})
+        for p in inspect.signature(source).parameters.values()
+    ]
 
 
 def add_dataclass(
-    parser: ArgumentParser, cls: type, title: Optional[str] = None, skip: tuple[str, ...] = ()
+    parser: ArgumentParser, source: Any, title: Optional[str] = None, skip: tuple[str, ...] = ()
 ) -> None:
-    """One option per field of dataclass ``cls`` in a group ``title`` (default: the docstring's
-    first line)."""
-    doc = docstring_parser.parse(cls.__doc__ or "")
+    """One option per field of dataclass ``source`` (or parameter of function ``source``) in a
+    group ``title`` (default: the docstring's first line); one without a default is positional."""
+    doc = docstring_parser.parse(source.__doc__ or "")
     texts = {p.arg_name: p.description for p in doc.params}
-    hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(title or doc.short_description)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    for name, hint, default, meta in _parameters(source):
+        if name in skip:
             continue
-        hint, meta = hints[f.name], f.metadata
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": _default(f),
-            "help": meta.get("help", texts.get(f.name)),
-        }
+        kwargs: dict[str, Any] = {"help": meta.get("help", texts.get(name))}
+        if default is dataclasses.MISSING:
+            group.add_argument(name, type=hint, **kwargs)
+            continue
+        kwargs.update(dest=name, default=default)
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
-        flag = "--" + meta.get("flag", f.name.replace("_", "-"))
+        flag = "--" + meta.get("flag", name.replace("_", "-"))
         if hint is bool:
             group.add_argument(flag, action="store_true", **kwargs)
         elif typing.get_origin(hint) is list:
@@ -66,3 +93,11 @@ def add_dataclass(
             group.add_argument(flag, type=item, nargs=meta.get("nargs", "+"), **kwargs)
         else:
             group.add_argument(flag, type=hint, **kwargs)
+
+
+def parse_for(function: Any, argv: Optional[Sequence[str]] = None, **parser: Any) -> dict[str, Any]:
+    """The keyword arguments of ``function`` from the command line ``argv`` (its parameters
+    as options, help from its docstring's ``Args:``)."""
+    command = ArgumentParser(**parser)
+    add_dataclass(command, function, "arguments")
+    return command.parse_args(argv).as_dict()
