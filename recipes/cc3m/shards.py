@@ -167,7 +167,7 @@ def count_samples(shards: list[Path]) -> int:
     return sum(len(shard_keys(str(shard))) for shard in shards)
 
 
-def show(shards: str, count: bool = False) -> int:
+def show(shards: str, /, count: bool = False) -> int:
     """Prints the brace pattern of a shard folder (for ``--train-data``), or its sample count.
 
     Args:

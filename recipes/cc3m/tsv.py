@@ -84,7 +84,7 @@ def write_headered_copy(info: TsvInfo, output: Path) -> Path:
     return output
 
 
-def prepare(tsv: Path, headered_copy: Optional[Path] = None) -> int:
+def prepare(tsv: Path, /, headered_copy: Optional[Path] = None) -> int:
     """Checks the URL list; prints the file img2dataset should read (exit status 2 on errors).
 
     Args:
