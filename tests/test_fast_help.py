@@ -32,6 +32,7 @@ ENTRY_POINTS = (
     "recipes.cc3m.analyze",
     "recipes.cc3m.shards",
     "recipes.cc3m.tsv",
+    "recipes.cc3m.make_smoke_data",
 )
 PROBE = """
 import contextlib, io, resource, runpy, sys
