@@ -16,7 +16,7 @@ import math
 import re
 import typing
 from argparse import RawDescriptionHelpFormatter
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import docstring_parser
 from jsonargparse import ArgumentParser as _ArgumentParser
@@ -99,6 +99,9 @@ def add_dataclass(
             kwargs["required"] = True
         else:
             kwargs["default"] = default
+        literal = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal]
+        if literal:  # Optional[Literal[...]]: its choices, as argparse shows them
+            kwargs["metavar"] = "{" + ",".join(typing.get_args(literal[0])) + "}"
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
         flag = "--" + meta.get("flag", name.replace("_", "-"))
