@@ -29,7 +29,7 @@ __all__ = [
     "NonNegativeInt",
     "PositiveInt",
     "add_dataclass",
-    "parse_for",
+    "call",
 ]
 
 FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
@@ -116,9 +116,12 @@ def add_dataclass(
             group.add_argument(flag, type=hint, **kwargs)
 
 
-def parse_for(function: Any, argv: Optional[Sequence[str]] = None, **parser: Any) -> dict[str, Any]:
-    """The keyword arguments of ``function`` from the command line ``argv`` (its parameters
-    as options, help from its docstring's ``Args:``)."""
+def call(function: Any, argv: Optional[Sequence[str]] = None, **parser: Any) -> Any:
+    """Calls ``function`` with its arguments from the command line ``argv`` (its parameters as
+    options, help from its docstring's ``Args:``); ``parser`` goes to :class:`ArgumentParser`."""
     command = ArgumentParser(**parser)
     add_dataclass(command, function, "arguments")
-    return command.parse_args(argv).as_dict()
+    values = command.parse_args(argv).as_dict()
+    parameters = inspect.signature(function).parameters.values()
+    positional = [values.pop(p.name) for p in parameters if p.kind is p.POSITIONAL_ONLY]
+    return function(*positional, **values)

@@ -270,12 +270,10 @@ def make_smoke_data(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, object]:
-    from recipes.cli_args import parse_for
+    from recipes.cli_args import call
 
     prog, description = "python -m recipes.cc3m.make_smoke_data", __doc__.split("\n\n")[0]
-    summary = make_smoke_data(
-        **parse_for(make_smoke_data, argv, prog=prog, description=description)
-    )
+    summary = call(make_smoke_data, argv, prog=prog, description=description)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -194,16 +194,14 @@ def show(shards: str, /, count: bool = False) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from recipes.cli_args import parse_for
+    from recipes.cli_args import call
 
     description = (
         "Prints the OpenCLIP --train-data pattern of img2dataset shards on stdout (with --count: "
         "their number of samples, for --train-num-samples), and the download's counts from the "
         "*_stats.json files on stderr."
     )
-    return show(
-        **parse_for(show, argv, prog="python -m recipes.cc3m.shards", description=description)
-    )
+    return call(show, argv, prog="python -m recipes.cc3m.shards", description=description)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from recipes.cli_args import RawDescription, parse_for
+from recipes.cli_args import RawDescription, call
 from recipes.registry_source import constant, loss_options
 
 # Every --loss of openclip_tau.train (its registry's loss_choices()), read without torch.
@@ -157,9 +157,7 @@ def run_smoke(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     head, _, tail = __doc__.partition("\n\n")
     options = dict(description=head, epilog=tail, formatter_class=RawDescription)
-    summary = run_smoke(
-        **parse_for(run_smoke, argv, prog="python -m recipes.cc3m.smoke", **options)
-    )
+    summary = call(run_smoke, argv, prog="python -m recipes.cc3m.smoke", **options)
     print(json.dumps(summary, indent=2))
     return 0
 

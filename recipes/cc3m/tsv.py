@@ -111,11 +111,11 @@ def prepare(tsv: Path, /, headered_copy: Optional[Path] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from recipes.cli_args import RawDescription, parse_for
+    from recipes.cli_args import RawDescription, call
 
     head, _, tail = __doc__.partition("\n\n")
     options = dict(description=head, epilog=tail, formatter_class=RawDescription)
-    return prepare(**parse_for(prepare, argv, prog="python -m recipes.cc3m.tsv", **options))
+    return call(prepare, argv, prog="python -m recipes.cc3m.tsv", **options)
 
 
 if __name__ == "__main__":
