@@ -254,21 +254,14 @@ def _metric_table(
     """Markdown rows of ``metric`` (mean ± sd over seeds) per loss and batch size, one profile."""
     from recipes.longtail.losses import LOSS_LABELS
 
+    cells = {
+        (r["loss"], r["batch_size"]): _pm(r, metric) for r in summary if r["profile"] == profile
+    }
     lines = ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
     lines += ["|---|" + "---|" * len(batches)]
     for loss in losses:
-        cells = []
-        for b in batches:
-            row = next(
-                (
-                    r
-                    for r in summary
-                    if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
-                ),
-                None,
-            )
-            cells.append(_pm(row, metric) if row else "–")
-        lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
+        row = " | ".join(cells.get((loss, b), "–") for b in batches)
+        lines.append(f"| {LOSS_LABELS[loss]} | {row} |")
     return lines + [""]
 
 
