@@ -1,14 +1,20 @@
-"""``--help`` of the entry points answers before the host libraries are imported."""
+"""``--help`` of the entry points answers before torch and the host libraries are imported."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import subprocess
 import sys
+from importlib.metadata import distribution
 
 import pytest
 
+from recipes import registry_source
+
 # What a command needs only once it runs (each costs seconds of CPU to import).
 HOST_LIBRARIES = (
+    "torch",
     "lightly",
     "pytorch_lightning",
     "lightning",
@@ -20,11 +26,14 @@ HOST_LIBRARIES = (
 ENTRY_POINTS = (
     "recipes.longtail",
     "recipes.longtail.sweep",
+    "recipes.simclr.simclr",
+    "recipes.simclr.simclr_lightning",
     "recipes.cc3m.smoke",
     "recipes.cc3m.evaluate",
     "recipes.cc3m.analyze",
     "recipes.cc3m.shards",
     "recipes.cc3m.tsv",
+    "recipes.cc3m.make_smoke_data",
 )
 PROBE = """
 import contextlib, io, resource, runpy, sys
@@ -37,6 +46,25 @@ usage = resource.getrusage(resource.RUSAGE_SELF)
 loaded = sorted({name.split(".")[0] for name in sys.modules} & set({hosts}))
 print(usage.ru_utime + usage.ru_stime, ",".join(loaded), "usage:" in out.getvalue())
 """
+
+
+CONSOLE_PROBE = """
+import contextlib, importlib, io, sys
+module, name = sys.argv[1].split(":")
+sys.argv = [sys.argv[2], "--help"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    getattr(importlib.import_module(module), name)()
+print(0, "torch" in sys.modules, "usage:" in out.getvalue())
+"""
+# Console scripts whose package imports torch as it loads (openclip_tau), or whose module does
+# (recipes.analyze_temperatures): their --help still imports it.
+IMPORT_TORCH = ("openclip-tau-train", "openclip-tau-key-index", "lightly-tau-analyze-temperatures")
+SCRIPTS = {
+    e.name: e.value
+    for e in distribution("lightly-tau").entry_points
+    if e.group == "console_scripts"
+}
 
 
 def _probe(code: str, *args: str) -> list[str]:
@@ -54,3 +82,25 @@ def test_help_imports_no_host_library(module: str) -> None:
     _, loaded, has_usage = _probe(code, module)
     assert has_usage.strip() == "True"
     assert loaded == "", f"{module} --help imported {loaded}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [name for name in SCRIPTS if name not in IMPORT_TORCH])
+def test_console_script_help_imports_no_torch(script: str) -> None:
+    _, torch_loaded, has_usage = _probe(CONSOLE_PROBE, SCRIPTS[script], script)
+    assert (torch_loaded, has_usage.strip()) == ("False", "True")
+
+
+@pytest.mark.parametrize("host", registry_source.HOSTS)
+def test_registry_read_from_source_equals_the_imported_registry(host: str) -> None:
+    """The options ``--help`` reads from the source are those of the classes themselves."""
+    registry = importlib.import_module(f"{host}.registry")
+    options, constants = registry_source._from_source(host)
+    assert list(options) == list(registry.LOSSES)
+    for name, read in options.items():
+        live = registry.options(name)
+        assert {k: dataclasses.astuple(o) for k, o in read.items()} == {
+            k: dataclasses.astuple(o) for k, o in live.items()
+        }, name
+    if host == "openclip_tau":
+        assert constants["UPSTREAM_LOSSES"] == registry.UPSTREAM_LOSSES

@@ -142,7 +142,7 @@ def test_help_and_bad_flags(script: str, capsys: pytest.CaptureFixture[str]) -> 
 
     with pytest.raises(SystemExit):
         SCRIPTS[script](["--loss", "sogclr", "--batch-size", "0"])
-    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert "--batch-size:\n  Not of type PositiveInt" in capsys.readouterr().err
 
 
 def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -33,7 +32,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import webdataset as wds
 from PIL import Image
 
 from recipes import fashion_mnist
@@ -109,6 +107,8 @@ def write_shards(
     rng: np.random.Generator,
 ) -> dict[str, int]:
     """Writes the shards, parquet and stats files as img2dataset does; returns the totals."""
+    import webdataset as wds  # imports torch: here, so that --help answers without it
+
     output.mkdir(parents=True, exist_ok=True)
     failed = rng.random(len(sources)) < failure_rate
     totals = {"count": 0, "successes": 0, "failed_to_download": 0}
@@ -213,7 +213,21 @@ def make_smoke_data(
     seed: int = 0,
     fashion_mnist_dir: Path = FASHION_MNIST_DIR,
 ) -> dict[str, object]:
-    """Writes the smoke data set under ``output``; returns a summary (counts and paths)."""
+    """Writes the smoke data set under ``output``; returns a summary (counts and paths).
+
+    Args:
+        output: folder to write into
+        num_pairs: image-caption pairs attempted
+        samples_per_shard: samples per tar shard
+        failure_rate: share recorded as failed downloads
+        tail_ratio: rarest class's frequency over the commonest
+        retrieval_per_class: held-out images per class for the local retrieval evaluation
+        imagenet_per_class: if > 0, also write an ImageFolder for OpenCLIP's --imagenet-val code
+            path
+        seed: seed of the class draws, captions and failures
+        fashion_mnist_dir: folder of the gzipped idx files (Debian's dataset-fashion-mnist
+            installs them here)
+    """
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}.")
     if not 1 <= samples_per_shard < 10**POSITION_DIGITS:
@@ -256,46 +270,10 @@ def make_smoke_data(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.cc3m.make_smoke_data",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--output", type=Path, required=True, help="folder to write into")
-    parser.add_argument("--num-pairs", type=int, default=400, help="image-caption pairs attempted")
-    parser.add_argument("--samples-per-shard", type=int, default=100)
-    parser.add_argument(
-        "--failure-rate", type=float, default=0.05, help="share recorded as failed downloads"
-    )
-    parser.add_argument(
-        "--tail-ratio", type=float, default=0.1, help="rarest class's frequency over the commonest"
-    )
-    parser.add_argument("--retrieval-per-class", type=int, default=5)
-    parser.add_argument(
-        "--imagenet-per-class",
-        type=int,
-        default=0,
-        help="if > 0, also write an ImageFolder for OpenCLIP's --imagenet-val code path",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--fashion-mnist-dir",
-        type=Path,
-        default=FASHION_MNIST_DIR,
-        help="folder of the gzipped idx files (Debian's dataset-fashion-mnist installs them here)",
-    )
-    args = parser.parse_args(argv)
-    summary = make_smoke_data(
-        args.output,
-        num_pairs=args.num_pairs,
-        samples_per_shard=args.samples_per_shard,
-        failure_rate=args.failure_rate,
-        tail_ratio=args.tail_ratio,
-        retrieval_per_class=args.retrieval_per_class,
-        imagenet_per_class=args.imagenet_per_class,
-        seed=args.seed,
-        fashion_mnist_dir=args.fashion_mnist_dir,
-    )
+    from recipes.cli_args import call
+
+    prog, description = "python -m recipes.cc3m.make_smoke_data", __doc__.split("\n\n")[0]
+    summary = call(make_smoke_data, argv, prog=prog, description=description)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -13,7 +13,6 @@ Keys are strings of digits, the shard number followed by the position in the sha
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import sys
@@ -168,34 +167,41 @@ def count_samples(shards: list[Path]) -> int:
     return sum(len(shard_keys(str(shard))) for shard in shards)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Prints the brace pattern of a shard folder (for ``--train-data``), or its sample count."""
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.cc3m.shards",
-        description="Prints the OpenCLIP --train-data pattern of img2dataset shards on stdout "
-        "(with --count: their number of samples, for --train-num-samples), and the download's "
-        "counts from the *_stats.json files on stderr.",
-    )
-    parser.add_argument("shards", help="a shard folder, brace pattern or glob")
-    parser.add_argument("--count", action="store_true", help="print the number of samples")
-    args = parser.parse_args(argv)
+def show(shards: str, /, count: bool = False) -> int:
+    """Prints the brace pattern of a shard folder (for ``--train-data``), or its sample count.
+
+    Args:
+        shards: a shard folder, brace pattern or glob
+        count: print the number of samples
+    """
     try:
-        shards = find_shards(args.shards)
+        found = find_shards(shards)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stats = read_stats(shards)
+    stats = read_stats(found)
     if stats is not None:
         print(
-            f"{len(shards)} shards: {stats['successes']} pairs of {stats['count']} URLs "
+            f"{len(found)} shards: {stats['successes']} pairs of {stats['count']} URLs "
             f"({stats['failed_to_download']} failed downloads, "
             f"{stats['failed_to_resize']} failed resizes)",
             file=sys.stderr,
         )
     else:
-        print(f"{len(shards)} shards (no img2dataset stats files)", file=sys.stderr)
-    print(count_samples(shards) if args.count else brace_pattern(shards))
+        print(f"{len(found)} shards (no img2dataset stats files)", file=sys.stderr)
+    print(count_samples(found) if count else brace_pattern(found))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from recipes.cli_args import call
+
+    description = (
+        "Prints the OpenCLIP --train-data pattern of img2dataset shards on stdout (with --count: "
+        "their number of samples, for --train-num-samples), and the download's counts from the "
+        "*_stats.json files on stderr."
+    )
+    return call(show, argv, prog="python -m recipes.cc3m.shards", description=description)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,19 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
+
+from recipes.cli_args import RawDescription, call
+from recipes.registry_source import constant, loss_options
+
+# Every --loss of openclip_tau.train (its registry's loss_choices()), read without torch.
+LossName = Literal[(*constant("openclip_tau", "UPSTREAM_LOSSES"), *loss_options("openclip_tau"))]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_LOSS_OPTIONS = {
@@ -72,9 +77,16 @@ def train_command(loss: str, data: Path, logs: Path, extra: Sequence[str] = ()) 
 
 
 def run_smoke(
-    output: Path, losses: Sequence[str] = ("isogclr",), imagenet: bool = False
+    output: Path, losses: Sequence[LossName] = ("isogclr",), imagenet: bool = False
 ) -> dict[str, Any]:
-    """Runs the four steps under ``output``; returns the paths of what they wrote."""
+    """Runs the four steps under ``output``; returns the paths of what they wrote.
+
+    Args:
+        output: folder for everything
+        losses: losses to train (the analysis needs isogclr; tempnet adds the held-out analysis)
+        imagenet: also run OpenCLIP's --imagenet-val path on a tiny folder (slow on CPU: it
+            encodes 80 prompts for each of 1000 class names)
+    """
     import torch
 
     from openclip_tau import key_index as key_index_cli
@@ -143,30 +155,9 @@ def run_smoke(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from openclip_tau.registry import loss_choices  # every --loss of openclip_tau.train
-
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.cc3m.smoke",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--output", type=Path, required=True, help="folder for everything")
-    parser.add_argument(
-        "--losses",
-        nargs="+",
-        choices=loss_choices(),
-        default=["isogclr"],
-        help="losses to train (the analysis needs isogclr; tempnet adds the held-out analysis)",
-    )
-    parser.add_argument(
-        "--imagenet",
-        action="store_true",
-        help="also run OpenCLIP's --imagenet-val path on a tiny folder (slow on CPU: it "
-        "encodes 80 prompts for each of 1000 class names)",
-    )
-    args = parser.parse_args(argv)
-    summary = run_smoke(args.output, args.losses, args.imagenet)
+    head, _, tail = __doc__.partition("\n\n")
+    options = dict(description=head, epilog=tail, formatter_class=RawDescription)
+    summary = call(run_smoke, argv, prog="python -m recipes.cc3m.smoke", **options)
     print(json.dumps(summary, indent=2))
     return 0
 

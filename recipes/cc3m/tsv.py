@@ -12,7 +12,6 @@ Exit status 2 with a message naming what is missing when the file cannot be used
 
 from __future__ import annotations
 
-import argparse
 import csv
 import shutil
 import sys
@@ -85,38 +84,38 @@ def write_headered_copy(info: TsvInfo, output: Path) -> Path:
     return output
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.cc3m.tsv",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument("tsv", type=Path, help="the URL list (e.g. Train_GCC-training.tsv)")
-    parser.add_argument(
-        "--headered-copy",
-        type=Path,
-        default=None,
-        help="where to write a copy with a header if the input has none",
-    )
-    args = parser.parse_args(argv)
+def prepare(tsv: Path, /, headered_copy: Optional[Path] = None) -> int:
+    """Checks the URL list; prints the file img2dataset should read (exit status 2 on errors).
+
+    Args:
+        tsv: the URL list (e.g. Train_GCC-training.tsv)
+        headered_copy: where to write a copy with a header if the input has none
+    """
     try:
-        info = check_tsv(args.tsv)
+        info = check_tsv(tsv)
         if info.has_header:
             target = info.path
-        elif args.headered_copy is None:
+        elif headered_copy is None:
             raise ValueError(
                 f"URL list {info.path} has no header (Google's CC3M layout: caption<TAB>url); "
                 "pass --headered-copy FILE to write a copy with the header img2dataset needs."
             )
         else:
-            target = write_headered_copy(info, args.headered_copy)
+            target = write_headered_copy(info, headered_copy)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{info.rows} rows with columns {info.columns} in {info.path}", file=sys.stderr)
     print(target)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from recipes.cli_args import RawDescription, call
+
+    head, _, tail = __doc__.partition("\n\n")
+    options = dict(description=head, epilog=tail, formatter_class=RawDescription)
+    return call(prepare, argv, prog="python -m recipes.cc3m.tsv", **options)
 
 
 if __name__ == "__main__":

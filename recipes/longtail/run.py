@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence
@@ -37,7 +37,6 @@ from recipes.longtail.data import (
 from recipes.longtail.evaluate import evaluate_features, raw_pixel_features
 from recipes.longtail.presets import PRESETS, smoke_defaults
 from recipes.longtail.report import run_row, summary_rows, summary_table, write_report
-from recipes.longtail.settings import registry_settings
 from recipes.longtail.train import (
     LOSS_LABELS,
     LOSS_REGISTRY,
@@ -365,15 +364,10 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         parser, args, device, len(losses) * len(args.seeds) + len(claim_jobs)
     )
     torch.set_num_threads(threads)
-    loss_settings = LossSettings(
-        temperature=args.temperature,
-        cosine_tau_min=args.cosine_tau_min,
-        cosine_tau_max=args.cosine_tau_max,
+    loss_settings = _from_options(
+        LossSettings,
+        args,
         cosine_period_epochs=args.cosine_period if args.cosine_period else args.epochs / 5,
-        **{name: getattr(args, name) for name in registry_settings()},
-        macl_temperature=args.macl_temperature,
-        macl_alpha=args.macl_alpha,
-        macl_a0=args.macl_a0,
     )
     check_losses(parser, losses, loss_settings)
     if args.lr <= 0:
@@ -410,28 +404,13 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
             "images per process; lower it or the imbalance."
         )
 
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        backbone=args.backbone,
-        hidden_dim=args.hidden_dim,
-        output_dim=args.output_dim,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
+    settings = _from_options(
+        TrainSettings,
+        args,
         precision=resolve_precision(args.precision, device),
-        augment=args.augment,
-        workers=args.workers,
         accelerator="gpu" if device == "cuda" else "cpu",
-        devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
-        knn_k=args.knn_k,
-        knn_t=args.knn_t,
-        probe_epochs=args.probe_epochs,
-        steps_per_epoch=args.steps_per_epoch,
         progress=not args.no_progress,
-        density_k=args.density_k,
     )
     augment = AugmentSettings.for_dataset(dataset, data.image_size, data.channels)
     config = {
@@ -553,6 +532,12 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         f"{paths['summary_csv'].name}, {paths['results_json'].name}; plots: *.png)"
     )
     return 0
+
+
+def _from_options(settings: type, args: Any, **values: Any) -> Any:
+    """Dataclass ``settings`` from the options named like its fields, and ``values``."""
+    named = {f.name: getattr(args, f.name) for f in fields(settings) if hasattr(args, f.name)}
+    return settings(**{**named, **values})
 
 
 def _version(package: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from lightly_tau import registry
+from recipes.registry_source import loss_options
 
 # Where the recipe's default differs from the class's: iSogCLR's rho and eta move the
 # temperatures within a short run (see the report's eta note), DySTreSS the CIFAR recipe's 0.07.
@@ -43,11 +43,16 @@ class _RecipeLossSettings:
         return LOSS_REGISTRY[loss].bounds(self)  # type: ignore[arg-type]
 
 
-def registry_settings() -> dict[str, tuple[str, str, registry.LossOption, Any]]:
+def registry_losses() -> tuple[str, ...]:
+    """The losses of ``lightly_tau.registry``, in its order (read without importing torch)."""
+    return tuple(loss_options("lightly_tau"))
+
+
+def registry_settings() -> dict[str, tuple[str, str, Any, Any]]:
     """``field -> (loss, keyword, option, default)`` for each hyperparameter of the registry."""
     fields = {}
-    for name in registry.LOSSES:
-        for keyword, option in registry.options(name).items():
+    for name, options in loss_options("lightly_tau").items():
+        for keyword, option in options.items():
             if keyword in SHARED.get(name, {}):
                 continue
             default = RECIPE_DEFAULTS.get(name, {}).get(keyword, option.default)
@@ -73,4 +78,5 @@ LossSettings.__module__ = __name__
 def hyperparameters(name: str, settings: Any) -> dict[str, Any]:
     """The keywords of registry loss ``name`` from ``settings``."""
     shared = SHARED.get(name, {})
-    return {kw: getattr(settings, shared.get(kw, f"{name}_{kw}")) for kw in registry.options(name)}
+    keywords = loss_options("lightly_tau")[name]
+    return {kw: getattr(settings, shared.get(kw, f"{name}_{kw}")) for kw in keywords}

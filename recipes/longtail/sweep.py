@@ -21,15 +21,15 @@ couple of steps (a test of the pipeline; the numbers mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
+from recipes.cli_args import ArgumentParser, PositiveInt, add_dataclass
 from recipes.longtail.cli import DEFAULT_EPOCHS, loss_names
 
 if TYPE_CHECKING:
@@ -52,57 +52,51 @@ SMOKE = {
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+@dataclass
+class SweepOptions:
+    """sweep
+
+    Args:
+        imbalance: of the long-tailed profile
+        parallel_runs: runs side by side, one thread each (default: one per core)
+        smoke: a few images, 1 epoch of 2 steps, batch sizes 8 and 16, one seed
+    """
+
+    batch_sizes: list[PositiveInt] = field(default_factory=lambda: list(DEFAULT_BATCH_SIZES))
+    losses: list[Literal[loss_names()]] = field(  # type: ignore[misc]
+        default_factory=lambda: list(DEFAULT_SWEEP_LOSSES)
+    )
+    profiles: list[Literal[PROFILES]] = field(default_factory=lambda: list(PROFILES))  # type: ignore[misc]
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    epochs: PositiveInt = DEFAULT_EPOCHS
+    imbalance: float = 100.0
+    max_per_class: Optional[PositiveInt] = None
+    test_per_class: Optional[PositiveInt] = None
+    probe_per_class: PositiveInt = 500
+    probe_epochs: PositiveInt = 100
+    knn_k: PositiveInt = 20
+    steps_per_epoch: Optional[PositiveInt] = None
+    data_root: Path = Path("data")
+    output: Path = Path("runs") / "batch_sweep"
+    parallel_runs: Optional[PositiveInt] = None
+    threads: Optional[PositiveInt] = None
+    no_progress: bool = False
+    smoke: bool = False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m recipes.longtail.sweep",
         description="Linear-probe and kNN accuracy against batch size at equal epochs for "
         "NT-Xent, SogCLR and iSogCLR on Fashion-MNIST, long-tailed and balanced (SogCLR's "
         "small-batch claim).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument(
-        "--batch-sizes", nargs="+", type=_positive_int, default=list(DEFAULT_BATCH_SIZES)
-    )
-    parser.add_argument(
-        "--losses", nargs="+", choices=loss_names(), default=list(DEFAULT_SWEEP_LOSSES)
-    )
-    parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--imbalance", type=float, default=100.0, help="of the long-tailed profile")
-    parser.add_argument("--max-per-class", type=_positive_int, default=None)
-    parser.add_argument("--test-per-class", type=_positive_int, default=None)
-    parser.add_argument("--probe-per-class", type=_positive_int, default=500)
-    parser.add_argument("--probe-epochs", type=_positive_int, default=100)
-    parser.add_argument("--knn-k", type=_positive_int, default=20)
-    parser.add_argument("--steps-per-epoch", type=_positive_int, default=None)
-    parser.add_argument("--data-root", type=Path, default=Path("data"))
-    parser.add_argument("--output", type=Path, default=Path("runs") / "batch_sweep")
-    parser.add_argument(
-        "--parallel-runs",
-        type=_positive_int,
-        default=None,
-        help="runs side by side, one thread each (default: one per core)",
-    )
-    parser.add_argument("--threads", type=_positive_int, default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few images, 1 epoch of 2 steps, batch sizes 8 and 16, one seed",
-    )
+    add_dataclass(parser, SweepOptions)
     return parser
 
 
-def parse_options(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def parse_options(argv: Sequence[str]) -> tuple[ArgumentParser, Any]:
     """Parses the command line; ``--smoke`` values become defaults that explicit options beat."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -260,21 +254,14 @@ def _metric_table(
     """Markdown rows of ``metric`` (mean ± sd over seeds) per loss and batch size, one profile."""
     from recipes.longtail.losses import LOSS_LABELS
 
+    cells = {
+        (r["loss"], r["batch_size"]): _pm(r, metric) for r in summary if r["profile"] == profile
+    }
     lines = ["| loss | " + " | ".join(f"batch {b}" for b in batches) + " |"]
     lines += ["|---|" + "---|" * len(batches)]
     for loss in losses:
-        cells = []
-        for b in batches:
-            row = next(
-                (
-                    r
-                    for r in summary
-                    if (r["profile"], r["loss"], r["batch_size"]) == (profile, loss, b)
-                ),
-                None,
-            )
-            cells.append(_pm(row, metric) if row else "–")
-        lines.append(f"| {LOSS_LABELS[loss]} | " + " | ".join(cells) + " |")
+        row = " | ".join(cells.get((loss, b), "–") for b in batches)
+        lines.append(f"| {LOSS_LABELS[loss]} | {row} |")
     return lines + [""]
 
 

@@ -1,4 +1,4 @@
-"""What the pure-PyTorch and the Lightning SimCLR scripts share: data, backbone, loss, flags.
+"""What the pure-PyTorch and the Lightning SimCLR scripts share: data, backbone, loss.
 
 Both scripts follow Lightly's SimCLR example (``examples/pytorch/simclr.py`` and
 ``examples/pytorch_lightning/simclr.py``); the loss factory below is the only place where the
@@ -7,7 +7,6 @@ temperature-aware losses differ from Lightly's ``NTXentLoss``.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torchvision
 from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms.simclr_transform import SimCLRTransform
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from lightly_tau import IndexedDataset, registry
 from recipes.fashion_mnist import prepare_torchvision_raw
-from tau_core.adapter import LossOption, class_options
+from recipes.simclr.cli import LOSSES, loss_options_of  # noqa: F401  (re-exported)
 
 # The scripts' and tests' name for it: gunzips Debian's files for torchvision's FashionMNIST.
 prepare_fashion_mnist = prepare_torchvision_raw
@@ -30,40 +30,19 @@ prepare_fashion_mnist = prepare_torchvision_raw
 # Output size of the examples' projection head (SimCLRProjectionHead(num_features, 512, 128)).
 PROJECTION_DIM = 128
 
-# Lightly's NT-Xent (the example's loss) and every loss of lightly_tau's registry; a loss added
-# to the registry is offered here with its options.
 HOST_LOSSES: dict[str, type] = {"ntxent": NTXentLoss}
-LOSSES = (*HOST_LOSSES, *registry.LOSSES)
 
 
-def loss_options_of(name: str) -> dict[str, LossOption]:
-    """The hyperparameters ``--loss name`` accepts (read from the loss class)."""
-    if name in HOST_LOSSES:
-        return {"temperature": class_options(NTXentLoss)["temperature"]}
-    return registry.options(name)
+class SimCLR(nn.Module):
+    """Backbone and SimCLR projection head, as in Lightly's example."""
 
+    def __init__(self, backbone: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(num_features, 512, PROJECTION_DIM)
 
-# Hyperparameters named like a flag of the scripts get the prefix ``loss-`` (TempNet's seed).
-RESERVED = frozenset({"seed", "lr", "epochs", "batch_size", "devices", "accelerator"})
-
-
-def option_dest(keyword: str) -> str:
-    """The argparse dest of a loss hyperparameter (``tau_min``, ``loss_seed``)."""
-    return "loss_" + keyword if keyword in RESERVED else keyword
-
-
-def option_table() -> dict[str, tuple[type, str]]:
-    """Keyword -> (type, help naming each loss that takes it and its default)."""
-    table: dict[str, tuple[type, list[str], str]] = {}
-    for name in LOSSES:
-        for keyword, option in loss_options_of(name).items():
-            kind, users, text = table.get(keyword, (option.kind, [], option.help))
-            users.append(f"{name} {'off' if option.default is None else option.default}")
-            table[keyword] = (kind, users, text or option.help)
-    return {
-        kw: (kind, f"{text} (default: {', '.join(users)})")
-        for kw, (kind, users, text) in table.items()
-    }
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
 
 
 def simclr_transform(input_size: int = 32) -> Callable[[Any], list[Tensor]]:
@@ -190,84 +169,6 @@ def temperature_optimizer(criterion: nn.Module) -> Optional[torch.optim.Optimize
 def loss_stats(criterion: nn.Module) -> dict[str, Tensor]:
     """The diagnostics of the last call (objective, temperature statistics); ``{}`` for NT-Xent."""
     return dict(getattr(criterion, "stats", {}))
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Data, model, loss and run-length flags shared by both scripts."""
-    parser.add_argument(
-        "--loss", choices=LOSSES, default="ntxent", help="contrastive loss (default: ntxent)"
-    )
-    group = parser.add_argument_group(
-        "loss hyperparameters (unset: the loss's own default; each applies to some losses only)"
-    )
-    for option, (kind, help_text) in option_table().items():
-        flag = "--" + option_dest(option).replace("_", "-")
-        group.add_argument(flag, dest=option_dest(option), type=kind, default=None, help=help_text)
-    parser.add_argument(
-        "--data-root",
-        default="datasets",
-        help="folder for the gunzipped Fashion-MNIST files (default: ./datasets)",
-    )
-    parser.add_argument(
-        "--num-samples-limit",
-        type=int,
-        default=None,
-        help="train on the first N images only (default: all 60,000)",
-    )
-    parser.add_argument(
-        "--backbone",
-        choices=("resnet18", "convnet"),
-        default="resnet18",
-        help="resnet18 as in Lightly's example, or a small ConvNet for fast CPU runs",
-    )
-    parser.add_argument("--input-size", type=int, default=32, help="crop size in pixels")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help="stop after this many steps (default: none)"
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=0.06,
-        help="SGD learning rate (default 0.06, as Lightly's example). The SogCLR and iSogCLR "
-        "gradients are about tau times NT-Xent's, so they may want a larger one.",
-    )
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--loss-state-dir",
-        default=None,
-        help="after training, save each rank's loss state and visited indices to "
-        "DIR/loss_state_rank<r>.pt (e.g. to plot the learned temperatures per class)",
-    )
-
-
-def loss_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The hyperparameter flags that were given; a flag the chosen loss lacks is an error."""
-    accepted = loss_options_of(args.loss)
-    values = {name: getattr(args, option_dest(name)) for name in option_table()}
-    given = {name: value for name, value in values.items() if value is not None}
-    wrong = [name for name in given if name not in accepted]
-    if wrong:
-        flags = ", ".join(f"--{option_dest(name).replace('_', '-')}" for name in wrong)
-        allowed = ", ".join(f"--{option_dest(name).replace('_', '-')}" for name in accepted)
-        parser.error(f"{flags} do not apply to --loss {args.loss}; it accepts {allowed}.")
-    return given
-
-
-def check_run_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Positive sizes and lengths, with the flag's name in the message."""
-    for flag in ("batch_size", "epochs", "input_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("max_steps", "num_samples_limit", "num_threads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
 
 
 @dataclass

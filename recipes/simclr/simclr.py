@@ -18,63 +18,40 @@ Run (a few seconds on a CPU)::
 
 from __future__ import annotations
 
-import argparse
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
-from lightly.models.modules import SimCLRProjectionHead
-from torch import nn
+from recipes.simclr.cli import PyTorchOptions, parse
 
-from recipes.simclr.common import (
-    PROJECTION_DIM,
-    RunResult,
-    add_common_arguments,
-    build_backbone,
-    build_loss,
-    check_run_arguments,
-    fashion_mnist_dataset,
-    format_stats,
-    loss_options,
-    loss_stats,
-    save_loss_state,
-    simclr_transform,
-    takes_index,
-    temperature_optimizer,
-)
-from tau_core import describe_state_memory
-
-
-class SimCLR(nn.Module):
-    """Backbone and SimCLR projection head, as in Lightly's example."""
-
-    def __init__(self, backbone: nn.Module, num_features: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(num_features, 512, PROJECTION_DIM)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.backbone(x).flatten(start_dim=1)
-        z = self.projection_head(x)
-        return z
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SimCLR on Fashion-MNIST (Lightly's example, pure PyTorch) with NT-Xent, "
-        "SogCLR, iSogCLR or DySTreSS.",
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--log-every", type=int, default=10, help="print every N steps")
-    return parser
+if TYPE_CHECKING:
+    from recipes.simclr.common import RunResult
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     """Trains SimCLR and returns the loss, the per-step losses and the visited indices."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_run_arguments(args, parser)
-    options = loss_options(args, parser)
+    parser, args, options = parse(
+        argv,
+        "SimCLR on Fashion-MNIST (Lightly's example, pure PyTorch) with NT-Xent, SogCLR, "
+        "iSogCLR or DySTreSS.",
+        PyTorchOptions,
+    )
+    # The heavy imports come after parsing, so --help and bad flags answer at once.
+    import torch
+
+    from recipes.simclr.common import (
+        RunResult,
+        SimCLR,
+        build_backbone,
+        build_loss,
+        fashion_mnist_dataset,
+        format_stats,
+        loss_stats,
+        save_loss_state,
+        simclr_transform,
+        takes_index,
+        temperature_optimizer,
+    )
+    from tau_core import describe_state_memory
+
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)

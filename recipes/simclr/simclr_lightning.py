@@ -25,180 +25,44 @@ Run::
 
 from __future__ import annotations
 
-import argparse
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import pytorch_lightning as pl
-import torch
-from lightly.models.modules import SimCLRProjectionHead
-from pytorch_lightning.loggers import TensorBoardLogger
-from torch import Tensor
+from recipes.simclr.cli import LightningOptions, parse
 
-from lightly_tau import TrainedTemperature
-from recipes.seeds import SeededShuffleSampler
-from recipes.simclr.common import (
-    PROJECTION_DIM,
-    RunResult,
-    add_common_arguments,
-    build_backbone,
-    build_loss,
-    check_run_arguments,
-    fashion_mnist_dataset,
-    format_stats,
-    loss_options,
-    loss_stats,
-    save_loss_state,
-    simclr_transform,
-    takes_index,
-)
-from tau_core import TrainedTemperatureMixin, describe_state_memory
-
-# Shown beside the loss on the progress bar; every statistic goes to TensorBoard.
-PROGRESS_BAR_STATS = ("tau_mean", "tau_positive_mean")
-
-
-class SimCLR(pl.LightningModule):
-    """Backbone, SimCLR projection head and the chosen loss, as in Lightly's example.
-
-    Args:
-        backbone: ``resnet18`` or ``convnet`` (see ``build_backbone``).
-        loss: ``ntxent``, ``sogclr``, ``isogclr`` or ``dystress``.
-        num_samples: ``len(dataset)``, the size of the stateful losses' tables.
-        loss_options: Hyperparameters of the loss.
-        gather_distributed: Gather negatives and state updates across processes (several
-            devices).
-        lr: SGD learning rate.
-    """
-
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        loss: str = "ntxent",
-        num_samples: int = 60_000,
-        loss_options: Optional[dict[str, Any]] = None,
-        gather_distributed: bool = False,
-        lr: float = 0.06,
-        state_layout: str = "replicated",
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.backbone, num_features = build_backbone(backbone)
-        self.projection_head = SimCLRProjectionHead(num_features, 512, PROJECTION_DIM)
-        # The swap: NTXentLoss() in Lightly's example.
-        self.criterion = build_loss(
-            loss, num_samples, gather_distributed, state_layout, **(loss_options or {})
-        )
-        self.lr = lr
-        # Indices this process trained on, and each step's loss (on the host, not buffers:
-        # DDP would overwrite buffers with rank 0's).
-        self.visited = torch.zeros(num_samples, dtype=torch.bool)
-        self.step_losses: list[float] = []
-        self._epoch_losses: list[Tensor] = []  # on the device until the epoch ends
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.backbone(x).flatten(start_dim=1)
-        z = self.projection_head(x)
-        return z
-
-    def on_fit_start(self) -> None:
-        if self.global_rank == 0 and takes_index(self.criterion):
-            print(describe_state_memory(self.criterion, self.trainer.world_size))
-
-    def on_train_epoch_start(self) -> None:
-        if hasattr(self.criterion, "set_epoch"):
-            self.criterion.set_epoch(self.current_epoch)
-
-    def training_step(self, batch: Any, batch_index: int) -> Tensor:
-        (x0, x1), _, index = batch
-        z0 = self.forward(x0)
-        z1 = self.forward(x1)
-        if takes_index(self.criterion):
-            loss = self.criterion(z0, z1, index)
-        else:
-            loss = self.criterion(z0, z1)
-        self.log("train/loss", loss, prog_bar=True)
-        stats = loss_stats(self.criterion)
-        # Each rank's own batch statistics; the logger writes rank 0's (no per-step all-reduce).
-        for name, value in stats.items():
-            self.log(f"train/{name}", value, prog_bar=name in PROGRESS_BAR_STATS)
-        self.visited[index.cpu()] = True
-        self._epoch_losses.append(loss.detach())
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self._move_losses_to_host()
-
-    def on_train_end(self) -> None:
-        self._move_losses_to_host()
-
-    def _move_losses_to_host(self) -> None:
-        if self._epoch_losses:
-            self.step_losses += torch.stack(self._epoch_losses).tolist()
-            self._epoch_losses.clear()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Lightly's example, unchanged: a trained temperature (RGCL-g, TempNet) is stepped by its
-        # own AdamW in the TrainedTemperature callback, and the SGD skips its parameters.
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class SaveLossState(pl.Callback):
-    """Saves every rank's loss state and visited indices when training ends."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        save_loss_state(self.directory, trainer.global_rank, pl_module.criterion, pl_module.visited)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SimCLR on Fashion-MNIST (Lightly's example, PyTorch Lightning) with "
-        "NT-Xent, SogCLR, iSogCLR or DySTreSS.",
-    )
-    add_common_arguments(parser)
-    parser.add_argument("--accelerator", default=None, help="default: gpu if available, else cpu")
-    parser.add_argument(
-        "--devices",
-        type=int,
-        default=1,
-        help="number of processes; more than 1 gathers negatives and state updates",
-    )
-    parser.add_argument(
-        "--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)"
-    )
-    parser.add_argument(
-        "--no-gather-distributed",
-        action="store_true",
-        help="with several devices, take negatives from each process's own batch only "
-        "(the per-sample state is still synchronised across processes)",
-    )
-    parser.add_argument(
-        "--state-layout",
-        choices=["replicated", "sharded"],
-        default="replicated",
-        help="per-sample tables of the stateful losses: every process holds every row "
-        "(replicated, default) or process r holds rows i %% devices == r (sharded)",
-    )
-    parser.add_argument("--log-dir", default="logs", help="TensorBoard and checkpoint folder")
-    parser.add_argument("--log-every", type=int, default=10, help="log every N steps")
-    return parser
+if TYPE_CHECKING:
+    from recipes.simclr.common import RunResult
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     """Trains SimCLR with Lightning; returns this process's loss, step losses, visited indices."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_run_arguments(args, parser)
-    if args.devices < 1:
-        parser.error(f"--devices must be >= 1, got {args.devices}.")
+    parser, args, options = parse(
+        argv,
+        "SimCLR on Fashion-MNIST (Lightly's example, PyTorch Lightning) with NT-Xent, SogCLR, "
+        "iSogCLR or DySTreSS.",
+        LightningOptions,
+    )
     if args.state_layout == "sharded" and (args.devices < 2 or args.loss in ("ntxent", "dystress")):
         parser.error(
             "--state-layout sharded splits the per-sample tables of a stateful loss (sogclr, "
             "isogclr, rgclg, tempnet) over several processes: use --devices 2 or more."
         )
-    options = loss_options(args, parser)
+    # The heavy imports come after parsing, so --help and bad flags answer at once.
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightly_tau import TrainedTemperature
+    from recipes.seeds import SeededShuffleSampler
+    from recipes.simclr.common import (
+        RunResult,
+        fashion_mnist_dataset,
+        format_stats,
+        loss_stats,
+        simclr_transform,
+    )
+    from recipes.simclr.lightning_module import SaveLossState, SimCLR
+    from tau_core import TrainedTemperatureMixin
+
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     pl.seed_everything(args.seed, workers=True, verbose=False)
