@@ -111,6 +111,9 @@ def test_compiled_steps_equal_eager_steps(name: str) -> None:
             torch.testing.assert_close(x, y)
     for key, table in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], table, equal_nan=True, msg=key)
+    # TempNet's networks drew a dropout mask (rate 0.5) in every step, the same in both.
+    draws = [m.dropout_calls for m in compiled.modules() if hasattr(m, "dropout_calls")]
+    assert draws == ([4] * len(draws)) and ("TempNet" in name) == bool(draws)
     eager.raise_deferred_error(wait=True)
     compiled.raise_deferred_error(wait=True)
 
