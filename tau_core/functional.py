@@ -403,6 +403,11 @@ class _WeightedSimilaritySum(torch.autograd.Function):
             )
         ctx.spent = True
         (coef,) = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            # AOT autograd cannot partition a backward that mutates a saved tensor which the
+            # forward graph also outputs (pytorch/pytorch#172956), and the compiled graph plans
+            # its own buffers anyway.
+            return coef * grad, None
         return coef.mul_(grad), None
 
 

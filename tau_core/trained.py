@@ -246,7 +246,7 @@ class TemperatureNetwork(nn.Module):
             self.head.weight.fill_(1.0)
             self.head.bias.fill_(0.0)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Temperature of each row of ``z`` (shape (n, dim)), shape (n,), float32.
 
         The gradient of every parameter is averaged over the ranks of the default process group
@@ -254,6 +254,8 @@ class TemperatureNetwork(nn.Module):
 
         Args:
             z: L2-normalised embeddings, shape (n, dim).
+            mask: The dropout mask of this forward (0/1, shape (n, dim)), drawn beforehand by
+                :meth:`draw_mask`; None (the default) draws it here in training mode.
 
         Returns:
             Temperatures in ``[tau_min, tau_max]``, shape (n,).
@@ -267,38 +269,58 @@ class TemperatureNetwork(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.to(p["proj.weight"].dtype)  # float32 unless the network was cast
             x = torch.sigmoid(F.linear(z, p["proj.weight"], p["proj.bias"]))
-            x = self._dropout(x)
+            x = self._dropout(x, mask)
             prods = x @ F.normalize(p["prototypes"], dim=1).T
             weights = torch.softmax(prods / p["log_scale"].exp(), dim=1)
             features = (weights - 1.0 / self.num_prototypes) * torch.sigmoid(prods)
             t = F.linear(features, p["head.weight"], p["head.bias"]).squeeze(1)
             return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(t)
 
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether a forward applies dropout now (training mode and a rate above 0)."""
+        return self.training and self.dropout > 0.0
+
+    def _dropout(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``F.dropout`` of ``x`` with ``mask`` (0/1), or with one :meth:`draw_mask` draws."""
+        if not self.draws_dropout:
+            return x
+        if mask is None:
+            mask = self.draw_mask(x.shape[0], x.device, x.dtype)
+        return x * mask / (1.0 - self.dropout)
+
     @torch.compiler.disable  # its own seeded generator and call counter: host side
-    def _dropout(self, x: Tensor) -> Tensor:
-        """``F.dropout`` drawn from the network's own generator (not the global one).
+    def draw_mask(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The 0/1 dropout mask (rows, dim) of the next training forward, from the own generator.
 
         The mask of the k-th training forward on rank r comes from a generator seeded with a hash
         of (dropout_seed, r, k): it does not depend on what else draws random numbers, and only the
         counter k is state, the same on every rank, checkpointed with the loss (``dropout_calls``
-        in its state dict), so a resumed run draws the masks of the uninterrupted one.
+        in its state dict), so a resumed run draws the masks of the uninterrupted one. It runs
+        outside ``torch.compile``'s graph (a seeded generator and a host counter), so a compiled
+        step draws the masks of an eager one.
         """
-        if not self.training or self.dropout == 0.0:
-            return x
-        generator = self._generators.get(x.device)
+        generator = self._generators.get(device)
         if generator is None:
-            generator = self._generators[x.device] = device_runtime.generator(x.device)
+            generator = self._generators[device] = device_runtime.generator(device)
         seed = derive_seed(self.dropout_seed, DROPOUT_STREAM, rank(), self.dropout_calls)
         generator.manual_seed(seed)
         self.dropout_calls += 1
-        keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x * (keep >= self.dropout).to(x.dtype) / (1.0 - self.dropout)
+        keep = torch.rand((rows, self.dim), generator=generator, device=device, dtype=dtype)
+        return (keep >= self.dropout).to(dtype)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"dropout_calls": self.dropout_calls}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.dropout_calls = int(state.get("dropout_calls", 0))
+
+
+@torch.compiler.disable  # the networks' own generators and counters: host side
+def _draw_masks(
+    networks: dict[str, TemperatureNetwork], rows: dict[str, int], device: torch.device
+) -> dict[str, Tensor]:
+    return {s: net.draw_mask(rows[s], device, net.proj.weight.dtype) for s, net in networks.items()}
 
 
 class NetworkTemperature:
@@ -327,6 +349,17 @@ class NetworkTemperature:
         self.rho = check_number("rho", rho, 0.0)
         self.networks = networks
         self._predicted: dict[str, Tensor] = {}
+        self._masks: dict[str, Tensor] = {}
+
+    def draw_masks(self, rows: dict[str, int], device: torch.device) -> None:
+        """Draws the dropout mask of every role's next forward (``rows``: anchors per role).
+
+        Called once per step before the roles' forwards, so that the host-side draws
+        (:meth:`TemperatureNetwork.draw_mask`) leave one break in a compiled step, not one in the
+        loop over roles (which would run the rest of the step outside the graph).
+        """
+        nets = {s: self.networks[s] for s in rows if self.networks[s].draws_dropout}
+        self._masks = _draw_masks(nets, rows, device) if nets else {}
 
     def initial_values(self) -> dict[str, float]:
         """Per-sample tables of an anchor role and their initial values."""
@@ -338,7 +371,7 @@ class NetworkTemperature:
         """Each row's predicted temperature (with autograd history to the network)."""
         if anchors is None:
             raise ValueError("the temperature network needs the anchors' embeddings.")
-        tau = self.networks[suffix](anchors.detach())
+        tau = self.networks[suffix](anchors.detach(), self._masks.pop(suffix, None))
         if views > 1:
             tau = tau.view(views, -1).mean(dim=0)
         self._predicted[suffix] = tau.detach()
@@ -622,6 +655,13 @@ class TemperatureNetworkLoss(TrainedTemperatureMixin):
 
     def group_settings(self) -> dict[str, Any]:
         return {"weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8}
+
+    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[Any]:
+        """The adapter's blocks; the networks' dropout masks of this step are drawn here."""
+        blocks = super().anchor_blocks(z0, z1)  # type: ignore[misc]
+        rows = {k.suffix: k.anchors.shape[0] for k in blocks if k.anchors is not None}
+        self.settings.draw_masks(rows, blocks[0].device)  # type: ignore[attr-defined]
+        return blocks
 
     @torch.no_grad()
     def _predict(self, embeddings: Tensor, role: str) -> Tensor:

@@ -7,16 +7,19 @@ a full-image crop) so that seeded runs are deterministic and cheap; the 2-proces
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from open_clip_train import logger as upstream_logger
 from open_clip_train import main as upstream_main
 from open_clip_train import train as upstream_train
 from open_clip_train import zero_shot as upstream_zero_shot
@@ -388,6 +391,41 @@ def test_csv_rows_index_the_state(workdir: Path) -> None:
     assert torch.isfinite(saved["loss_state_dict"]["state.log_u_text"]).all()
 
 
+@contextlib.contextmanager
+def upstream_logging() -> Iterator[None]:
+    """Undoes upstream's ``setup_logging`` afterwards: its handlers and the levels it sets.
+
+    It sets every logger to INFO, torch's internal ones included, which then print their INFO
+    lines (``TorchDynamo compilation metrics``, ``FakeTensor cache stats``) when pytest exits.
+    """
+    handlers, root_level = list(logging.root.handlers), logging.root.level
+    levels = {
+        name: getattr(logger, "level", logging.NOTSET)
+        for name, logger in logging.root.manager.loggerDict.items()
+    }
+    try:
+        yield
+    finally:
+        for handler in logging.root.handlers[:]:
+            if handler not in handlers:
+                logging.root.removeHandler(handler)
+                handler.close()
+        logging.root.setLevel(root_level)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+
+
+def test_upstream_logging_setup_is_undone() -> None:
+    torch_logger = logging.getLogger("torch._dynamo.utils")
+    before = (torch_logger.level, logging.root.level, list(logging.root.handlers))
+    with upstream_logging():
+        upstream_logger.setup_logging(None, logging.INFO)
+        assert torch_logger.level == logging.INFO  # what upstream does
+    assert (torch_logger.level, logging.root.level, list(logging.root.handlers)) == before
+    assert not torch_logger.isEnabledFor(logging.INFO)
+
+
 @pytest.mark.slow
 def test_clip_on_csv_is_upstream_open_clip_train(workdir: Path) -> None:
     csv_path = write_csv(workdir / "csv-clip", 128)
@@ -400,14 +438,8 @@ def test_clip_on_csv_is_upstream_open_clip_train(workdir: Path) -> None:
         return args
 
     assert train.main(["--loss", "clip"] + argv("clip-ours")) is None
-    handlers = list(logging.root.handlers)
-    try:
+    with upstream_logging():
         assert upstream_main.main(argv("clip-upstream")) is None
-    finally:  # upstream's setup_logging adds handlers at every call
-        for handler in logging.root.handlers[:]:
-            if handler not in handlers:
-                logging.root.removeHandler(handler)
-                handler.close()
     ours = checkpoint(workdir / "logs" / "clip-ours", "epoch_1.pt")
     theirs = checkpoint(workdir / "logs" / "clip-upstream", "epoch_1.pt")
     assert "loss_name" not in theirs and ours["loss_name"] == "clip"
