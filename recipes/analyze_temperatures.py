@@ -43,10 +43,10 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from recipes.cli_args import RawDescription, function_arguments, function_parser
 from recipes.temperature_analysis import (
     QUANTILE_COLUMNS,
     knn_density,
-    parse_function_options,
     plot_distribution_by_group,
     plot_extremes_grid,
     plot_temperature_vs_density,
@@ -419,9 +419,12 @@ def analyze_temperatures(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the analysis; returns the exit status (bad inputs exit with status 2)."""
-    parser, options = parse_function_options(
-        analyze_temperatures, argv, "python -m recipes.analyze_temperatures"
+    parser = function_parser(
+        analyze_temperatures,
+        prog="python -m recipes.analyze_temperatures",
+        formatter_class=RawDescription,
     )
+    _, options = function_arguments(parser, analyze_temperatures, argv)
     try:
         analysis = analyze_temperatures(**options)
     except (AnalysisError, OSError) as err:

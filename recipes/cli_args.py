@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import math
 import re
+import types
 import typing
 from argparse import RawDescriptionHelpFormatter
 from typing import Any, Literal, Optional, Sequence
@@ -30,6 +31,8 @@ __all__ = [
     "PositiveInt",
     "add_dataclass",
     "call",
+    "function_arguments",
+    "function_parser",
 ]
 
 FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
@@ -101,27 +104,69 @@ def add_dataclass(
             kwargs["default"] = default
         literal = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal]
         if literal:  # Optional[Literal[...]]: its choices, as argparse shows them
-            kwargs["metavar"] = "{" + ",".join(typing.get_args(literal[0])) + "}"
+            kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(literal[0]))) + "}"
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
         flag = "--" + meta.get("flag", name.replace("_", "-"))
         if hint is bool:
             group.add_argument(flag, action="store_true", **kwargs)
-        elif typing.get_origin(hint) in (list, collections.abc.Sequence):
-            (item,) = typing.get_args(hint)
+        elif _sequence(hint):
+            item, nargs = _sequence(hint)
             if isinstance(kwargs.get("default"), tuple):
                 kwargs["default"] = list(kwargs["default"])
-            group.add_argument(flag, type=item, nargs=meta.get("nargs", "+"), **kwargs)
+            group.add_argument(flag, type=item, nargs=meta.get("nargs", nargs), **kwargs)
         else:
             group.add_argument(flag, type=hint, **kwargs)
+
+
+def _sequence(hint: Any) -> Optional[tuple[Any, Any]]:
+    """``(item type, nargs)`` of a ``list[X]``, ``Sequence[X]``, ``tuple[X, ...]`` or
+    ``tuple[X, X]`` hint (also inside ``Optional``); None for any other hint."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return _sequence(inner[0]) if len(inner) == 1 else None
+    origin = typing.get_origin(hint)
+    if origin in (list, collections.abc.Sequence):
+        return args[0], "+"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0], "+"
+    if origin is tuple and args and len(set(args)) == 1:
+        return args[0], len(args)
+    return None
+
+
+def function_parser(function: Any, **parser: Any) -> ArgumentParser:
+    """The parser of ``function``'s parameters (help from its docstring's ``Args:``);
+    ``parser`` goes to :class:`ArgumentParser` (the description defaults to the docstring's
+    first paragraph)."""
+    first = (function.__doc__ or "").split("\n\n")[0]
+    command = ArgumentParser(**{"description": " ".join(first.split()), **parser})
+    add_dataclass(command, function, "arguments")
+    return command
+
+
+def function_arguments(
+    command: ArgumentParser, function: Any, argv: Optional[Sequence[str]] = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The positional and keyword arguments of ``function`` that ``argv`` gives (a
+    ``tuple[...]`` parameter gets a tuple)."""
+    values = command.parse_args(argv).as_dict()
+    hints = typing.get_type_hints(function)
+    for name, value in values.items():
+        if isinstance(value, list) and tuple in _origins(hints[name]):
+            values[name] = tuple(value)
+    parameters = inspect.signature(function).parameters.values()
+    positional = [values.pop(p.name) for p in parameters if p.kind is p.POSITIONAL_ONLY]
+    return positional, values
+
+
+def _origins(hint: Any) -> set[Any]:
+    return {typing.get_origin(hint)} | {typing.get_origin(a) for a in typing.get_args(hint)}
 
 
 def call(function: Any, argv: Optional[Sequence[str]] = None, **parser: Any) -> Any:
     """Calls ``function`` with its arguments from the command line ``argv`` (its parameters as
     options, help from its docstring's ``Args:``); ``parser`` goes to :class:`ArgumentParser`."""
-    command = ArgumentParser(**parser)
-    add_dataclass(command, function, "arguments")
-    values = command.parse_args(argv).as_dict()
-    parameters = inspect.signature(function).parameters.values()
-    positional = [values.pop(p.name) for p in parameters if p.kind is p.POSITIONAL_ONLY]
+    positional, values = function_arguments(function_parser(function, **parser), function, argv)
     return function(*positional, **values)

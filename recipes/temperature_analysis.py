@@ -17,7 +17,6 @@ each piece both use:
   its k nearest neighbours), the "how many similar samples does it have" of iSogCLR's mechanism;
 - :func:`plot_temperature_vs_density`: per-sample temperature against that density;
 - :func:`plot_extremes_grid`: the images at either end of the temperatures;
-- :func:`parse_function_options`: the analysis commands' options, from a function's signature.
 
 NumPy, pandas and matplotlib (Agg backend) only: no torch, so the analysis runs wherever the
 saved temperatures can be read.
@@ -26,7 +25,7 @@ saved temperatures can be read.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -337,34 +336,3 @@ def plot_extremes_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------- command lines
-def parse_function_options(
-    function: Callable[..., Any], argv: Optional[Sequence[str]], prog: str, epilog: str = ""
-) -> tuple[Any, dict[str, Any]]:
-    """The parser of ``function``'s parameters and the keyword arguments ``argv`` gives them.
-
-    jsonargparse generates one ``--option`` per parameter (underscores as dashes) from the
-    signature and the docstring (``Args:`` entries as help, its first paragraph as the
-    description): types checked, defaults shown, parameters without a default required. List
-    and tuple values are given in brackets (``--mean '[0.5, 0.5, 0.5]'``).
-    """
-    import argparse
-
-    from jsonargparse import ArgumentParser, DefaultHelpFormatter
-
-    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """jsonargparse's help, with the description and epilog as they are written."""
-
-    doc = " ".join((function.__doc__ or "").split("\n\n")[0].split())
-    parser = ArgumentParser(prog=prog, description=doc, epilog=epilog, formatter_class=Formatter)
-    parser.add_function_arguments(function, as_positional=False)
-    for action in parser._actions:  # --tau_key -> --tau-key
-        for i, option in enumerate(action.option_strings):
-            if option.startswith("--") and "_" in option:
-                action.option_strings[i] = option.replace("_", "-")
-                parser._option_string_actions[action.option_strings[i]] = (
-                    parser._option_string_actions.pop(option)
-                )
-    return parser, parser.parse_args(list(argv) if argv is not None else None).as_dict()

@@ -268,21 +268,29 @@ def _options_example(
 
 
 def test_options_come_from_the_signature_with_dashed_names(capsys) -> None:
-    argv = ["--checkpoint", "a.pt", "--key-index", "k.txt", "--tau-range", "[0.01, 0.1]"]
-    parser, options = ta.parse_function_options(_options_example, argv, "example")
-    assert options == {
+    from recipes.cli_args import function_arguments, function_parser
+
+    def parse(argv: list[str]) -> dict:
+        parser = function_parser(_options_example, prog="example")
+        return function_arguments(parser, _options_example, argv)[1]
+
+    argv = ["--checkpoint", "a.pt", "--key-index", "k.txt", "--tau-range", "0.01", "0.1"]
+    assert parse(argv) == {
         "checkpoint": Path("a.pt"),
         "key_index": Path("k.txt"),
         "top": 20,
         "tau_range": (0.01, 0.1),
     }
     with pytest.raises(SystemExit):
-        ta.parse_function_options(_options_example, ["--help"], "example")
+        parse(["--help"])
     help_text = capsys.readouterr().out
     assert "--key-index KEY_INDEX" in help_text and "captions at each end" in help_text
     assert "--key_index" not in help_text and "An example command." in help_text
     with pytest.raises(SystemExit) as exit_info:  # a required option missing
-        ta.parse_function_options(_options_example, ["--checkpoint", "a.pt"], "example")
+        parse(["--checkpoint", "a.pt"])
     assert exit_info.value.code == 2
+    assert "--key-index" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # not an int
-        ta.parse_function_options(_options_example, argv + ["--top", "many"], "example")
+        parse(argv + ["--top", "many"])
+    with pytest.raises(SystemExit):  # a range is two numbers
+        parse(argv[:-1])

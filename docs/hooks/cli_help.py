@@ -40,7 +40,11 @@ def _run(program: str) -> None:
         finally:
             sys.argv = argv
     else:
-        importlib.import_module(program).main(["--help"])
+        module = importlib.import_module(program)
+        if hasattr(module, "build_parser"):  # a parser module whose command runs elsewhere
+            module.build_parser().parse_args(["--help"])
+        else:
+            module.main(["--help"])
 
 
 def help_text(program: str) -> str:

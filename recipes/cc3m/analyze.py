@@ -45,9 +45,9 @@ import pandas as pd
 
 from recipes import temperature_analysis
 from recipes.cc3m.shards import find_shards, read_captions
+from recipes.cli_args import RawDescription, function_arguments, function_parser
 from recipes.temperature_analysis import (
     QUANTILE_COLUMNS,
-    parse_function_options,
     plot_distribution_by_group,
     pyplot,
     quantiles,
@@ -508,9 +508,13 @@ def summary_markdown(summary: Mapping[str, Any], corr: pd.DataFrame) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parses the options (generated from :func:`analyze`), runs it, prints the summary."""
-    parser, options = parse_function_options(
-        analyze, argv, "python -m recipes.cc3m.analyze", epilog=__doc__.split("\n\n", 1)[1]
+    parser = function_parser(
+        analyze,
+        prog="python -m recipes.cc3m.analyze",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=RawDescription,
     )
+    _, options = function_arguments(parser, analyze, argv)
     try:
         summary = analyze(**options)
     except AnalysisInputError as err:
