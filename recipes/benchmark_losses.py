@@ -169,8 +169,9 @@ def _make_step(
 
 
 def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def _set_threads(device: str) -> None:
@@ -185,9 +186,9 @@ def _cap_address_space(cap_gib: float) -> None:
     fit fails with an allocation error instead of pushing a shared machine into swap or OOM."""
     import resource
 
-    with open("/proc/self/statm") as f:
-        virtual = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    limit = virtual + int(cap_gib * 2**30)
+    import psutil
+
+    limit = psutil.Process().memory_info().vms + int(cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
