@@ -39,7 +39,6 @@ import re
 import shutil
 import subprocess
 import sys
-from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -666,13 +665,13 @@ class EvaluateOptions:
 
 def parse_args(argv: Optional[Sequence[str]]) -> Any:
     """The command line, generated from :class:`EvaluateOptions` (imports no torch)."""
-    from recipes.cli_args import ArgumentParser, add_dataclass
+    from recipes.cli_args import ArgumentParser, RawDescription, add_dataclass
 
     parser = ArgumentParser(
         prog="python -m recipes.cc3m.evaluate",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=RawDescriptionHelpFormatter,
+        formatter_class=RawDescription,
     )
     parser.add_argument("--output", type=Path, required=True, help="folder for runs/ and tables")
     parser.add_argument(
