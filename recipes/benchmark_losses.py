@@ -44,8 +44,10 @@ import statistics
 import subprocess
 import sys
 import time
+from argparse import SUPPRESS
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 BASELINES = {"lightly": "NTXentLoss", "openclip": "ClipLoss"}
 LOSSES = {
@@ -167,8 +169,9 @@ def _make_step(
 
 
 def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def _set_threads(device: str) -> None:
@@ -183,9 +186,9 @@ def _cap_address_space(cap_gib: float) -> None:
     fit fails with an allocation error instead of pushing a shared machine into swap or OOM."""
     import resource
 
-    with open("/proc/self/statm") as f:
-        virtual = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    limit = virtual + int(cap_gib * 2**30)
+    import psutil
+
+    limit = psutil.Process().memory_info().vms + int(cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
@@ -234,25 +237,25 @@ def child_times(
 ) -> dict:
     """Times of one forward+backward of every loss in ``names``, interleaved.
 
-    Each round calls every loss once, so a change in the machine's speed (other processes, a
-    shared host) hits all losses of a round alike; the ratio to the baseline (``names[0]``) is
-    taken within each round and the median over rounds is reported.
+    Each round times every loss once with ``torch.utils.benchmark.Timer`` (which synchronises a
+    GPU and warms up before each measurement), so a change in the machine's speed (other
+    processes, a shared host) hits all losses of a round alike; the ratio to the baseline
+    (``names[0]``) is taken within each round and the median over rounds is reported.
     """
     import torch
+    from torch.utils.benchmark import Timer
 
     _set_threads(device)
-    steps = {name: _make_step(name, batch, dim, num_samples, device) for name in names}
-    for step in steps.values():
-        step()  # warm-up
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    threads = torch.get_num_threads()
+    timers = {
+        name: Timer("step()", globals={"step": _make_step(name, batch, dim, num_samples, device)},
+                    num_threads=threads, label=name)
+        for name in names
+    }  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
+        for name, timer in timers.items():
+            times[name].append(timer.timeit(1).median)
     base = times[names[0]]
     return {
         name: {
@@ -398,50 +401,61 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@dataclass
+class BenchmarkOptions:
+    """Benchmark options.
+
+    Args:
+        side: the host library whose losses are timed (both: one after the other)
+        batch_sizes: override the default sizes
+        device: cpu or cuda
+        repeats: timed rounds per batch size
+        threads: CPU threads per measurement
+        skip_scaling: skip the num_samples check
+        tiled: compare the tiled losses (chunk_size > 0) with chunk_size=0 and the baselines at
+            large batches (see --chunk-size, --tiled-losses, --time-up-to, --plot)
+        chunk_size: chunk_size of the tiled losses
+        tiled_losses: losses compared tiled and untiled (default SogCLRLoss SogCLRClipLoss)
+        time_up_to: interleaved timing rounds up to this batch; above it one timed step per
+            process
+        memory_cap_gib: growth of a measuring process's address space at most this (CPU; 0: no
+            cap); a loss that needs more is reported as not fitting
+        json: write the tiled comparison's rows here
+        plot: plot the tiled comparison's memory here
+    """
+
+    side: Literal["lightly", "openclip", "both"] = "both"
+    batch_sizes: list[int] = field(default_factory=list)
+    device: str = "cpu"
+    repeats: int = 7
+    threads: int = 1
+    skip_scaling: bool = False
+    tiled: bool = False
+    chunk_size: int = TILED_CHUNK
+    tiled_losses: list[str] = field(default_factory=list)
+    time_up_to: int = 16_384
+    memory_cap_gib: float = 0.0
+    json: Optional[Path] = None
+    plot: Optional[Path] = None
+
+
+def parse_args(argv: list[str] | None) -> Any:
+    """The command line, generated from :class:`BenchmarkOptions`; the child processes' own
+    flags are hidden."""
+    from recipes.cli_args import ArgumentParser, add_dataclass
+
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataclass(parser, BenchmarkOptions, title="benchmark")
+    hidden = {"help": SUPPRESS}
+    parser.add_argument("--memory-child", nargs=2, metavar=("LOSS", "BATCH"), **hidden)
+    parser.add_argument("--time-child", nargs="+", metavar="BATCH LOSS", **hidden)
+    parser.add_argument("--dim", type=int, default=128, **hidden)
+    parser.add_argument("--num-samples", type=int, default=100_000, **hidden)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--side", choices=["lightly", "openclip", "both"], default="both")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="override the default sizes")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per batch size")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per measurement")
-    parser.add_argument("--skip-scaling", action="store_true", help="skip the num_samples check")
-    parser.add_argument(
-        "--memory-child", nargs=2, metavar=("LOSS", "BATCH"), help=argparse.SUPPRESS
-    )
-    parser.add_argument("--time-child", nargs="+", metavar="BATCH LOSS", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--tiled",
-        action="store_true",
-        help="compare the tiled losses (chunk_size > 0) with chunk_size=0 and the baselines at "
-        "large batches (see --chunk-size, --tiled-losses, --time-up-to, --plot)",
-    )
-    parser.add_argument(
-        "--chunk-size", type=int, default=TILED_CHUNK, help="chunk_size of the tiled losses"
-    )
-    parser.add_argument(
-        "--tiled-losses",
-        nargs="+",
-        help=f"losses compared tiled and untiled (default {' '.join(TILED_LOSSES.values())})",
-    )
-    parser.add_argument(
-        "--time-up-to",
-        type=int,
-        default=16_384,
-        help="interleaved timing rounds up to this batch; above it one timed step per process",
-    )
-    parser.add_argument(
-        "--memory-cap-gib",
-        type=float,
-        default=0.0,
-        help="growth of a measuring process's address space at most this (CPU; 0: no cap); a "
-        "loss that needs more is reported as not fitting",
-    )
-    parser.add_argument("--json", type=Path, help="write the tiled comparison's rows here")
-    parser.add_argument("--plot", type=Path, help="plot the tiled comparison's memory here")
-    parser.add_argument("--dim", type=int, default=128, help=argparse.SUPPRESS)
-    parser.add_argument("--num-samples", type=int, default=100_000, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     if args.memory_child:
         name, batch = args.memory_child[0], int(args.memory_child[1])

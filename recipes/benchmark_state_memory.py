@@ -26,6 +26,7 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -150,25 +151,39 @@ def run(num_samples: int, layout: str, args: argparse.Namespace) -> list[dict[st
         return [torch.load(Path(out) / f"rank{r}.pt") for r in range(args.world_size)]
 
 
+@dataclass
+class StateMemoryOptions:
+    """Benchmark options.
+
+    Args:
+        world_size: gloo processes (at least 2)
+        num_samples: table sizes
+        batch: local batch
+        dim: feature dimension
+        steps: timed steps
+        warmup: untimed steps
+        exchange: the sharded state's exchange (auto: all_to_all with CPU tensors on gloo)
+    """
+
+    world_size: int = 2
+    num_samples: list[float] = field(default_factory=lambda: [1e6, 1e7, 1e8])
+    batch: int = 256
+    dim: int = 128
+    steps: int = 20
+    warmup: int = 3
+    exchange: str = "auto"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--world-size", type=int, default=2, help="gloo processes (default 2)")
-    parser.add_argument(
-        "--num-samples", type=float, nargs="+", default=[1e6, 1e7, 1e8], help="table sizes"
-    )
-    parser.add_argument("--batch", type=int, default=256, help="local batch (default 256)")
-    parser.add_argument("--dim", type=int, default=128, help="feature dimension (default 128)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
-    parser.add_argument(
-        "--exchange",
-        choices=EXCHANGES,
-        default="auto",
-        help="the sharded state's exchange (default auto: all_to_all with CPU tensors on gloo)",
-    )
+    from recipes.cli_args import ArgumentParser, add_dataclass
+
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    add_dataclass(parser, StateMemoryOptions, title="benchmark")
     args = parser.parse_args(argv)
     if args.world_size < 2:
         parser.error("--world-size must be at least 2 (sharding over one rank changes nothing)")
+    if args.exchange not in EXCHANGES:
+        parser.error(f"--exchange must be one of {', '.join(EXCHANGES)}, got {args.exchange!r}")
     print(
         f"ISogCLRClipLoss ({TABLES} tables), {args.world_size} gloo processes on CPU, local batch "
         f"{args.batch}, dim {args.dim}; medians of {args.steps} steps; sharded exchange "

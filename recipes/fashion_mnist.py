@@ -1,21 +1,22 @@
 """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package: the one reader the recipes share.
 
 The package installs the four gzipped idx files under ``/usr/share/datasets/fashion-mnist/``.
-This module finds them, parses the idx format into numpy arrays (:func:`read_idx`, :func:`load`)
-and, for code that goes through ``torchvision.datasets.FashionMNIST``, gunzips them into the
-``raw`` folder torchvision reads (:func:`prepare_torchvision_raw`). torchvision's own download
-cannot stand in: it needs the network, and Debian recompressed the files, so their md5 sums
-differ from torchvision's list.
+torchvision's ``FashionMNIST(root, download=False)`` reads them once they are gunzipped into
+``root/FashionMNIST/raw/`` (:func:`prepare_torchvision_raw`); :func:`load` does that in a
+temporary folder and returns torchvision's arrays. torchvision's own download cannot stand in:
+it needs the network, and Debian recompressed the files, so their md5 sums differ from
+torchvision's list.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -25,10 +26,8 @@ __all__ = [
     "DEBIAN_PACKAGE",
     "FILES",
     "SPLITS",
-    "idx_path",
     "load",
     "prepare_torchvision_raw",
-    "read_idx",
 ]
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -56,17 +55,6 @@ CLASS_NAMES = (
     "Ankle boot",
 )
 
-# The idx format's element type codes (third byte of the magic number); data are big-endian.
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_GZIP_MAGIC = b"\x1f\x8b"
-
 
 def _not_installed(paths: list[Path], extra: str = "") -> FileNotFoundError:
     """The error for missing package files: which ones, and how to install them."""
@@ -77,74 +65,26 @@ def _not_installed(paths: list[Path], extra: str = "") -> FileNotFoundError:
     )
 
 
-def idx_path(split: str, kind: str, source_dir: Optional[os.PathLike | str] = None) -> Path:
-    """Where the gzipped idx file of ``split`` (``train`` or ``test``) and ``kind`` (``images``
-    or ``labels``) lies in ``source_dir`` (default: the Debian package's folder).
+@functools.lru_cache(maxsize=4)
+def _read(split: str, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's images and labels of one split, read from a temporary raw folder."""
+    from torchvision.datasets import FashionMNIST
 
-    Raises:
-        ValueError: Unknown split or kind.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
-    dims = {"images": "idx3", "labels": "idx1"}
-    if kind not in dims:
-        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}.")
-    directory = DEBIAN_DIR if source_dir is None else Path(source_dir)
-    return directory / f"{SPLITS[split]}-{kind}-{dims[kind]}-ubyte.gz"
-
-
-def _read_exact(stream: BinaryIO, size: int, path: Path) -> bytearray:
-    """``size`` bytes into a fresh (writable) buffer; a short file is an error, not a short read."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    filled = 0
-    while filled < size:
-        count = stream.readinto(view[filled:])
-        if not count:
-            raise ValueError(f"{path} is truncated: expected {size} more bytes, got {filled}.")
-        filled += count
-    return buffer
-
-
-def read_idx(path: os.PathLike | str, count: Optional[int] = None) -> np.ndarray:
-    """Reads an idx file (gzipped or not, told by its first bytes) into a numpy array.
-
-    The idx format (LeCun's MNIST format): two zero bytes, a type code, the number of
-    dimensions, each dimension as a big-endian uint32, then the data in C order, big-endian.
-
-    Args:
-        path: The ``.idx`` or ``.idx.gz`` file.
-        count: Read only the first ``count`` entries along the first dimension (all if None).
-            Only their bytes are decompressed, so a few images of a large file are quick.
-
-    Returns:
-        A writable array of the file's shape (first dimension cut to ``count``), in native
-        byte order; uint8 for Fashion-MNIST's images and labels.
-
-    Raises:
-        ValueError: Not an idx file, truncated, or fewer than ``count`` entries.
-    """
-    path = Path(path)
-    with open(path, "rb") as raw:
-        compressed = raw.read(2) == _GZIP_MAGIC
-    with gzip.open(path, "rb") if compressed else open(path, "rb") as stream:
-        magic = stream.read(4)
-        if len(magic) != 4 or magic[:2] != b"\x00\x00" or magic[2] not in _IDX_DTYPES:
-            raise ValueError(f"{path} is not an idx file (magic bytes {magic.hex()}).")
-        dtype, ndim = _IDX_DTYPES[magic[2]], magic[3]
-        if ndim == 0:
-            raise ValueError(f"{path} is not an idx file (no dimensions).")
-        shape = [int(n) for n in np.frombuffer(_read_exact(stream, 4 * ndim, path), ">u4")]
-        if count is not None:
-            if count < 0:
-                raise ValueError(f"count must be >= 0, got {count}.")
-            if count > shape[0]:
-                raise ValueError(f"{path} holds only {shape[0]} entries, {count} requested.")
-            shape[0] = count
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        data = np.frombuffer(_read_exact(stream, size, path), dtype=dtype).reshape(shape)
-    # Multi-byte types to native order (a copy); uint8 stays the writable buffer read above.
-    return data if dtype.itemsize == 1 else data.astype(dtype.newbyteorder("="))
+    with tempfile.TemporaryDirectory() as root:
+        prepare_torchvision_raw(root, source)
+        try:
+            dataset = FashionMNIST(root, train=split == "train", download=False)
+        except (AssertionError, RuntimeError, ValueError) as err:  # torchvision asserts
+            raise ValueError(f"The idx files in {source} are not Fashion-MNIST: {err!r}") from err
+    images, labels = dataset.data.numpy(), dataset.targets.numpy().astype(np.int64)
+    if images.ndim != 3 or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"The idx files in {source} are not Fashion-MNIST: images {images.dtype} "
+            f"{images.shape}, labels {labels.shape}."
+        )
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def load(
@@ -154,33 +94,32 @@ def load(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of Fashion-MNIST's ``train`` (60,000) or ``test`` (10,000) split.
 
+    Read by ``torchvision.datasets.FashionMNIST`` (cached per process).
+
     Args:
         split: ``train`` or ``test`` (the package's ``t10k`` files).
         num_images: Keep the first N images, in file order (all if None).
         source_dir: Folder of the gzipped idx files (default: the Debian package's).
 
     Returns:
-        Images as uint8 (N, 28, 28) and labels as int64 (N,) in [0, 10), the order of the files.
+        Writable arrays: images as uint8 (N, 28, 28) and labels as int64 (N,) in [0, 10), in
+        the order of the files.
 
     Raises:
         FileNotFoundError: The package is not installed; the message says how to install it.
         ValueError: Unknown split, more images asked for than the split has, or bad files.
     """
-    images_path = idx_path(split, "images", source_dir)
-    labels_path = idx_path(split, "labels", source_dir)
-    absent = [path for path in (images_path, labels_path) if not path.is_file()]
-    if absent:
-        raise _not_installed(absent)
-    images = read_idx(images_path, num_images)
-    labels = read_idx(labels_path, num_images).astype(np.int64)
-    if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    if num_images is not None and num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}.")
+    source = (DEBIAN_DIR if source_dir is None else Path(source_dir)).resolve()
+    images, labels = _read(split, source)
+    if num_images is not None and num_images > len(images):
         raise ValueError(
-            f"{images_path} and {labels_path} are not Fashion-MNIST: images {images.dtype} "
-            f"{images.shape}, labels {labels.shape}."
+            f"The {split} split holds only {len(images)} entries, {num_images} requested."
         )
-    if num_images is None and len(images) != len(labels):
-        raise ValueError(f"{images_path} and {labels_path} disagree in length.")
-    return images, labels
+    return images[:num_images].copy(), labels[:num_images].copy()
 
 
 def prepare_torchvision_raw(

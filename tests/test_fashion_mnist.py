@@ -1,4 +1,4 @@
-"""The shared Fashion-MNIST reader: the idx parser, the loader and torchvision's raw folder."""
+"""The shared Fashion-MNIST reader: the loader (torchvision's reader) and torchvision's raw folder."""
 
 from __future__ import annotations
 
@@ -27,37 +27,44 @@ def write_idx(path: Path, array: np.ndarray, type_code: int, compress: bool) -> 
     return path
 
 
-@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzipped"])
-def test_read_idx_parses_a_hand_written_file(tmp_path: Path, compress: bool) -> None:
-    pixels = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
-    path = write_idx(tmp_path / "images.idx", pixels, 0x08, compress)
-    read = fashion_mnist.read_idx(path)
-    assert read.dtype == np.uint8 and read.shape == (3, 4, 5)
-    np.testing.assert_array_equal(read, pixels)
-    read[0, 0, 0] = 7  # writable, so torch.from_numpy and in-place edits work
-    np.testing.assert_array_equal(fashion_mnist.read_idx(path, count=2), pixels[:2])
-
-    # A multi-byte type comes back in native byte order with the right values.
-    values = np.array([[-1, 2], [300000, -400000]], dtype=np.int32)
-    path = write_idx(tmp_path / "values.idx", values, 0x0C, compress)
-    read = fashion_mnist.read_idx(path)
-    assert read.dtype == np.dtype(np.int32) and read.dtype.isnative
-    np.testing.assert_array_equal(read, values)
+def write_source(
+    folder: Path, pixels: dict[str, np.ndarray], labels: dict[str, np.ndarray]
+) -> Path:
+    """The four gzipped idx files of a made-up Fashion-MNIST, as the Debian package lays them out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, prefix in fashion_mnist.SPLITS.items():
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", pixels[split], 0x08, compress=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels[split], 0x08, compress=True)
+    return folder
 
 
-def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
-    pixels = np.zeros((2, 3), dtype=np.uint8)
-    path = write_idx(tmp_path / "ok.idx", pixels, 0x08, compress=False)
-    with pytest.raises(ValueError, match="holds only 2 entries"):
-        fashion_mnist.read_idx(path, count=3)
-    truncated = tmp_path / "truncated.idx"
-    truncated.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(ValueError, match="truncated"):
-        fashion_mnist.read_idx(truncated)
-    not_idx = tmp_path / "not.idx"
-    not_idx.write_bytes(b"PK\x03\x04 a zip file")
-    with pytest.raises(ValueError, match="not an idx file"):
-        fashion_mnist.read_idx(not_idx)
+def test_load_reads_hand_written_files(tmp_path: Path) -> None:
+    pixels = {
+        s: np.arange(n * 28 * 28, dtype=np.uint8).reshape(n, 28, 28)
+        for s, n in (("train", 3), ("test", 2))
+    }
+    labels = {"train": np.array([9, 0, 4], np.uint8), "test": np.array([1, 2], np.uint8)}
+    source = write_source(tmp_path / "source", pixels, labels)
+    for split in ("train", "test"):
+        images, targets = fashion_mnist.load(split, source_dir=source)
+        assert images.dtype == np.uint8 and targets.dtype == np.int64
+        np.testing.assert_array_equal(images, pixels[split])
+        np.testing.assert_array_equal(targets, labels[split])
+        images[0, 0, 0] = 7  # writable, so torch.from_numpy and in-place edits work
+    few, _ = fashion_mnist.load("train", num_images=2, source_dir=source)
+    np.testing.assert_array_equal(few, pixels["train"][:2])  # the edit above did not stick
+    with pytest.raises(ValueError, match="holds only 3 entries"):
+        fashion_mnist.load("train", num_images=4, source_dir=source)
+
+
+def test_load_rejects_bad_files(tmp_path: Path) -> None:
+    flat = {"train": np.zeros((2, 3), np.uint8), "test": np.zeros((2, 3), np.uint8)}
+    source = write_source(tmp_path / "flat", flat, {s: np.zeros(2, np.uint8) for s in flat})
+    with pytest.raises(ValueError, match="not Fashion-MNIST"):
+        fashion_mnist.load("train", source_dir=source)
+    (source / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"PK\x03\x04 a zip file"))
+    with pytest.raises(ValueError, match="not Fashion-MNIST"):
+        fashion_mnist.load("train", source_dir=source)
 
 
 @needs_data

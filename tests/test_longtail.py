@@ -36,7 +36,9 @@ from recipes.longtail.data import (  # noqa: E402
 )
 from recipes.longtail.evaluate import (  # noqa: E402
     extract_features,
+    group_accuracy,
     knn_predictions,
+    linear_probe_predictions,
     per_class_accuracy,
     raw_pixel_features,
     spearman,
@@ -515,6 +517,28 @@ def test_cosine_schedule_is_kukleva_et_al() -> None:
     z0, z1 = torch.randn(6, 8), torch.randn(6, 8)
     loss(z0, z1, torch.arange(6))
     assert float(loss.tau_batch) == pytest.approx(loss.loss.temperature)
+
+
+def test_per_class_accuracy_against_a_loop_and_the_probe_on_separable_features() -> None:
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 4, (200,), generator=g)  # class 4 of 5 has no test image
+    predictions = torch.where(
+        torch.rand(200, generator=g) < 0.6, targets, torch.randint(0, 5, (200,), generator=g)
+    )
+    accuracy = per_class_accuracy(predictions, targets, 5)
+    for c in range(4):
+        members = targets == c
+        assert accuracy[c].item() == float((predictions[members] == c).double().mean())
+    assert torch.isnan(accuracy[4]) and accuracy.dtype == torch.float64
+    groups = group_accuracy(accuracy, ["head", "head", "middle", "tail", "tail"])
+    assert groups["all"] == pytest.approx(float(accuracy[:4].mean()))
+    assert groups["tail"] == accuracy[3].item() and groups["middle"] == accuracy[2].item()
+    # Classes in separate corners of feature space: the probe gets every test point right.
+    centres = 10.0 * torch.eye(3, 8)
+    train_targets, test_targets = torch.arange(60) % 3, torch.arange(30) % 3
+    train = centres[train_targets] + torch.randn(60, 8, generator=g)
+    test = centres[test_targets] + torch.randn(30, 8, generator=g)
+    assert torch.equal(linear_probe_predictions(train, train_targets, test), test_targets)
 
 
 def test_spearman_against_hand_computed_ranks() -> None:

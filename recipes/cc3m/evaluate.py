@@ -33,16 +33,15 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import pandas as pd
 
@@ -266,12 +265,15 @@ def recall_at_k(scores: Any, positive: Any, ks: Sequence[int] = RECALL_KS) -> di
     """Percentage of queries (rows) with at least one positive among their top-k candidates.
 
     ``scores`` and ``positive`` are (queries, candidates) tensors; this is the retrieval
-    recall of CLIP papers and of clip_benchmark (a query counts once however many positives).
+    recall of CLIP papers and of clip_benchmark (a query counts once however many positives):
+    torchmetrics' ``RetrievalHitRate``.
     """
-    k_max = min(max(ks), scores.shape[1])
-    top = scores.topk(k_max, dim=1).indices
-    hits = positive.gather(1, top)
-    return {k: 100.0 * hits[:, : min(k, k_max)].any(dim=1).float().mean().item() for k in ks}
+    import torch
+    from torchmetrics.retrieval import RetrievalHitRate
+
+    queries = torch.arange(scores.shape[0]).repeat_interleave(scores.shape[1])
+    flat = scores.flatten(), positive.flatten()
+    return {k: 100.0 * RetrievalHitRate(top_k=k)(*flat, indexes=queries).item() for k in ks}
 
 
 def local_retrieval(
@@ -629,12 +631,47 @@ def published_numbers_markdown(references: dict[str, int]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- command line
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+@dataclass
+class EvaluateOptions:
+    """What to evaluate and how (the flags besides ``--output`` and ``--checkpoint``).
+
+    Args:
+        model: open_clip model name (default: the run's params.txt)
+        imagenet_val: ImageNet validation folder
+        clip_benchmark_root: clip_benchmark data folder
+        datasets: clip_benchmark retrieval datasets to run
+        local_retrieval: local retrieval set (smoke mode)
+        save_embeddings: save the local retrieval set's image and text embeddings as
+            OUTPUT/embeddings/<label>.pt (held-out pairs for analyze.py --held-out-embeddings)
+        device: cuda or cpu (default: cuda when available)
+        batch_size: images per batch
+        workers: data loader workers
+        precision: default: amp on GPU, fp32 on CPU
+    """
+
+    model: Optional[str] = None
+    imagenet_val: Optional[Path] = None
+    clip_benchmark_root: Optional[Path] = None
+    datasets: list[Literal["mscoco", "flickr30k"]] = field(
+        default_factory=lambda: list(CLIP_BENCHMARK_DATASETS)
+    )
+    local_retrieval: Optional[Path] = None
+    save_embeddings: bool = False
+    device: Optional[str] = None
+    batch_size: int = 64
+    workers: int = 4
+    precision: Optional[Literal["amp", "fp32", "bf16"]] = None
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Any:
+    """The command line, generated from :class:`EvaluateOptions` (imports no torch)."""
+    from recipes.cli_args import ArgumentParser, RawDescription, add_dataclass
+
+    parser = ArgumentParser(
         prog="python -m recipes.cc3m.evaluate",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescription,
     )
     parser.add_argument("--output", type=Path, required=True, help="folder for runs/ and tables")
     parser.add_argument(
@@ -644,30 +681,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="[LABEL=]PATH",
         help="checkpoint to evaluate (repeatable); without any, only the table is rebuilt",
     )
-    parser.add_argument("--model", help="open_clip model name (default: the run's params.txt)")
-    parser.add_argument("--imagenet-val", type=Path, help="ImageNet validation folder")
-    parser.add_argument("--clip-benchmark-root", type=Path, help="clip_benchmark data folder")
-    parser.add_argument(
-        "--datasets",
-        nargs="+",
-        choices=sorted(CLIP_BENCHMARK_DATASETS),
-        default=list(CLIP_BENCHMARK_DATASETS),
-        help="clip_benchmark retrieval datasets to run",
-    )
-    parser.add_argument("--local-retrieval", type=Path, help="local retrieval set (smoke mode)")
-    parser.add_argument(
-        "--save-embeddings",
-        action="store_true",
-        help="save the local retrieval set's image and text embeddings as "
-        "OUTPUT/embeddings/<label>.pt (held-out pairs for analyze.py --held-out-embeddings)",
-    )
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument(
-        "--precision", choices=["amp", "fp32", "bf16"], help="default: amp on GPU, fp32 on CPU"
-    )
-    args = parser.parse_args(argv)
+    add_dataclass(parser, EvaluateOptions, title="evaluations")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
     try:
         specs = [parse_checkpoint(spec, args.model) for spec in args.checkpoint]
         problems: list[str] = []

@@ -4,9 +4,10 @@
   with the long-tailed training set as the bank, as Lightly's benchmarks use their training set.
   A long-tailed bank favours head classes in the vote, so tail kNN accuracy mixes representation
   quality with that bias.
-- Linear probe: a linear classifier trained on frozen features of a class-balanced labelled
-  subset of the full training split, so the probe itself is not biased toward head classes.
-- Accuracies are per class on the balanced test split, averaged over all classes and over the
+- Linear probe: scikit-learn's multinomial logistic regression on standardised frozen features
+  of a class-balanced labelled subset of the full training split, so the probe itself is not
+  biased toward head classes.
+- Accuracies are per class (torchmetrics) on the balanced test split, averaged over all classes and over the
   head, middle and tail thirds of the frequency ranks.
 - Temperatures (iSogCLR): the mean learned temperature of each class's training samples against
   the class's frequency, with Spearman's rank correlation and a permutation p-value
@@ -16,12 +17,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from recipes.longtail.augment import normalize_images
 from recipes.longtail.data import GROUP_NAMES, ImageSet, LongTailData
@@ -59,14 +62,17 @@ def extract_features(
 
 
 def per_class_accuracy(predictions: Tensor, targets: Tensor, num_classes: int) -> Tensor:
-    """Top-1 accuracy of each class (NaN for a class without test images)."""
-    correct = torch.bincount(targets[predictions == targets], minlength=num_classes).double()
-    total = torch.bincount(targets, minlength=num_classes).double()
+    """Top-1 accuracy of each class (NaN for a class without test images), float64.
+
+    From torchmetrics' confusion matrix (its counts are exact; its accuracy is float32).
+    """
+    counts = multiclass_confusion_matrix(predictions, targets, num_classes, validate_args=False)
+    correct, total = counts.diagonal().double(), counts.sum(dim=1).double()
     return torch.where(total > 0, correct / total.clamp_min(1), torch.nan)
 
 
 def group_accuracy(class_accuracy: Tensor, class_group: Sequence[str]) -> dict[str, float]:
-    """Mean per-class accuracy over all classes and over each frequency group."""
+    """Mean per-class accuracy (balanced accuracy) over all classes and each frequency group."""
     result = {"all": float(torch.nanmean(class_accuracy))}
     for group in GROUP_NAMES:
         members = [c for c, g in enumerate(class_group) if g == group]
@@ -97,41 +103,21 @@ def linear_probe_predictions(
     train_features: Tensor,
     train_targets: Tensor,
     test_features: Tensor,
-    num_classes: int,
-    epochs: int = 100,
-    batch_size: int = 256,
-    lr: float = 0.01,
-    seed: int = 0,
+    max_iter: int = 100,
 ) -> Tensor:
-    """Top-1 predictions of a linear classifier trained on frozen, standardised features.
+    """Top-1 predictions of scikit-learn's multinomial ``LogisticRegression`` (L-BFGS, L2 with
+    ``C=1``, at most ``max_iter`` iterations) on frozen features standardised with the training
+    features' mean and standard deviation (``StandardScaler``). Deterministic: no seed."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    Adam with a cosine learning rate, cross-entropy, seeded shuffling; the features are
-    standardised with the training features' mean and standard deviation.
-    """
-    mean = train_features.mean(dim=0, keepdim=True)
-    std = train_features.std(dim=0, keepdim=True).clamp_min(1e-6)
-    x_train = (train_features - mean) / std
-    x_test = (test_features - mean) / std
-    generator = torch.Generator().manual_seed(seed)
-    classifier = nn.Linear(x_train.shape[1], num_classes)
-    with torch.no_grad():
-        bound = 1.0 / math.sqrt(x_train.shape[1])
-        classifier.weight.uniform_(-bound, bound, generator=generator)
-        classifier.bias.zero_()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
-    steps_per_epoch = max(1, math.ceil(x_train.shape[0] / batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(x_train.shape[0], generator=generator)
-        for start in range(0, x_train.shape[0], batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(classifier(x_train[batch]), train_targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    with torch.no_grad():
-        return classifier(x_test).argmax(dim=1)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    with warnings.catch_warnings():  # a short budget (smoke runs) stops before convergence
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(train_features.double().numpy(), train_targets.numpy())
+    return torch.from_numpy(probe.predict(test_features.double().numpy())).long()
 
 
 def evaluate_features(
@@ -142,15 +128,18 @@ def evaluate_features(
     knn_k: int,
     knn_t: float,
     probe_epochs: int,
-    seed: int,
+    seed: int = 0,
 ) -> dict:
-    """kNN and linear-probe accuracies (overall and per group) and per-class accuracies."""
+    """kNN and linear-probe accuracies (overall and per group) and per-class accuracies.
+
+    ``probe_epochs`` caps the probe's L-BFGS iterations; ``seed`` is unused (the probe is
+    deterministic) and kept for callers."""
     num_classes = data.num_classes
     knn = knn_predictions(
         train_features, data.train.targets, test_features, num_classes, knn_k, knn_t
     )
     probe = linear_probe_predictions(
-        probe_features, data.probe.targets, test_features, num_classes, probe_epochs, seed=seed
+        probe_features, data.probe.targets, test_features, probe_epochs
     )
     knn_class = per_class_accuracy(knn, data.test.targets, num_classes)
     probe_class = per_class_accuracy(probe, data.test.targets, num_classes)

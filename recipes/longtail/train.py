@@ -25,6 +25,7 @@ from lightly.utils.scheduler import CosineWarmupScheduler
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from lightly_tau import (
     IndexedDataset,
@@ -173,10 +174,15 @@ class SimCLRRun(pl.LightningModule):
         self.data = data
         self.history: list[dict] = []
         self.tau_optimizer: Optional[torch.optim.Optimizer] = None
-        self._sums: dict[str, Tensor] = {}
-        # Lowest and highest batch temperature of the epoch.
-        self._range: Optional[tuple[Tensor, Tensor]] = None
-        self._steps = 0
+        # Running epoch means of the loss and the batch temperatures, and the lowest and highest
+        # batch temperature of the epoch (this process's batches).
+        self.epoch_means = nn.ModuleDict(
+            {name: MeanMetric(sync_on_compute=False) for name in ("loss", "tau", "tau_positive")}
+        )
+        self.tau_low, self.tau_high = (
+            MinMetric(sync_on_compute=False),
+            MaxMetric(sync_on_compute=False),
+        )
         self._epoch_start = 0.0
         self._max_steps = 1
         self._steps_per_epoch = 1
@@ -213,9 +219,8 @@ class SimCLRRun(pl.LightningModule):
     # ---------------------------------------------------------------- the loop
     def on_train_epoch_start(self) -> None:
         self.criterion.set_epoch(self.current_epoch)
-        self._sums = {}
-        self._range = None
-        self._steps = 0
+        for metric in (*self.epoch_means.values(), self.tau_low, self.tau_high):
+            metric.reset()
         self._epoch_start = time.perf_counter()
 
     def on_train_start(self) -> None:
@@ -244,36 +249,31 @@ class SimCLRRun(pl.LightningModule):
         with torch.autocast(device_type=self.device.type, enabled=False):
             loss = self.criterion(z0.float(), z1.float(), index)
         tau = self.criterion.tau_batch.to(loss.device)
-        self._accumulate("loss", loss.detach())
-        self._accumulate("tau", tau)
-        self._range = (
-            (tau, tau)
-            if self._range is None
-            else (torch.minimum(self._range[0], tau), torch.maximum(self._range[1], tau))
-        )
+        self.epoch_means["loss"].update(loss.detach().float())
+        self.epoch_means["tau"].update(tau.float())
+        self.tau_low.update(tau.float())
+        self.tau_high.update(tau.float())
         if self.criterion.tau_positive is not None:
-            self._accumulate("tau_positive", self.criterion.tau_positive.to(loss.device))
-        self._steps += 1
+            self.epoch_means["tau_positive"].update(self.criterion.tau_positive.to(loss.device))
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log("tau", tau, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def _accumulate(self, name: str, value: Tensor) -> None:
-        value = value.detach().float()
-        self._sums[name] = self._sums[name] + value if name in self._sums else value
-
     def on_train_epoch_end(self) -> None:
-        steps = max(1, self._steps)
         record: dict[str, Any] = {
             "epoch": self.current_epoch + 1,
             "seconds": time.perf_counter() - self._epoch_start,
-            "steps": self._steps,
+            "steps": self.epoch_means["loss"].update_count,
             "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
         }
-        for name, total in self._sums.items():
-            record[f"{name}_mean"] = float(total) / steps
-        if self._range is not None:
-            record["tau_low"], record["tau_high"] = float(self._range[0]), float(self._range[1])
+        for name, mean in self.epoch_means.items():
+            if mean.update_count:
+                record[f"{name}_mean"] = float(mean.compute())
+        if self.tau_low.update_count:
+            record["tau_low"], record["tau_high"] = (
+                float(self.tau_low.compute()),
+                float(self.tau_high.compute()),
+            )
         tau = self.criterion.sample_temperatures()
         if tau is not None:
             analysis = temperature_by_class(tau, self.data.train.targets, self.data)
