@@ -41,10 +41,10 @@ def _run(program: str) -> None:
             sys.argv = argv
     else:
         module = importlib.import_module(program)
-        if hasattr(module, "build_parser"):  # a parser module whose command runs elsewhere
-            module.build_parser().parse_args(["--help"])
-        else:
+        if hasattr(module, "main"):
             module.main(["--help"])
+        else:  # a parser module whose command runs elsewhere (recipes.longtail.cli)
+            module.build_parser().parse_args(["--help"])
 
 
 def help_text(program: str) -> str:

@@ -189,6 +189,10 @@ class EvaluationOptions:
     """evaluation
 
     Args:
+        knn_k: neighbours of the kNN classifier
+        knn_t: temperature of the kNN classifier's similarity weights
+        probe_epochs: at most this many L-BFGS iterations of the linear probe (scikit-learn's
+            logistic regression on standardised frozen features)
         density_k: neighbours of the local density (per-sample temperature analysis)
     """
 

@@ -549,7 +549,10 @@ def settings_table(config: dict) -> str:
             "kNN",
             f"k {t['knn_k']}, weights exp(similarity / {t['knn_t']:g}), L2-normalised backbone features",
         ],
-        ["linear probe", f"{t['probe_epochs']} epochs of Adam on frozen, standardised features"],
+        [
+            "linear probe",
+            f"logistic regression (L-BFGS, at most {t['probe_epochs']} iterations) on frozen, standardised features",
+        ],
     ]
     return markdown_table(["setting", "value"], rows)
 
