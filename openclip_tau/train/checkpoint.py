@@ -18,6 +18,7 @@ from open_clip_train.distributed import is_master
 from openclip_tau.train.errors import TrainingSetupError, UpstreamDriftError
 from openclip_tau.train.options import class_defaults
 from tau_core import load_state_shards, save_state_shards
+from tau_core.adapter import signature_keywords
 
 CHECKPOINT_KEYS = ("loss_state_dict", "loss_name", "loss_options")
 """The entries a training checkpoint gets beside upstream's (``epoch``, ``state_dict``, ...)."""
@@ -155,7 +156,7 @@ class LossCheckpoints:
             ``state_layout`` (properties of the run, not of the loss).
         """
         kwargs = dict(class_defaults(self.spec.cls), **self.loss_kwargs)
-        if "dim" in kwargs:
+        if "dim" in signature_keywords(self.spec.cls):  # a required keyword: no class default
             kwargs["dim"] = self.embed_dim
         for name in ("rank", "world_size", "num_samples", "state_layout"):
             kwargs.pop(name, None)
