@@ -189,6 +189,21 @@ def test_core_modules_and_functions_are_small():
                 assert length <= 80, f"{name}: {node.name} has {length} lines"
 
 
+def test_loss_bases_and_trained_temperatures_live_in_their_own_modules():
+    homes = {
+        "tau_core.losses": [tau_core.ContrastiveLoss, tau_core.temperature_stats],
+        "tau_core.blocks": [tau_core.adapter.AnchorBlock],
+        "tau_core.global_contrastive": [tau_core.adapter.GlobalContrastiveLoss],
+        "tau_core.dystress": [tau_core.adapter.DySTreSSBase],
+        "tau_core.trained": [tau_core.TrainedTemperatureMixin, tau_core.adapter.derive_seed],
+        "tau_core.global_temperature": [GlobalTemperature, tau_core.adapter.GlobalTemperatureLoss],
+        "tau_core.temperature_network": [TemperatureNetwork, tau_core.adapter.build_networks],
+    }
+    for module, objects in homes.items():
+        for obj in objects:
+            assert obj.__module__ == module, (obj.__name__, obj.__module__)
+
+
 # ---------------------------------------------------------------------- required arguments
 
 
