@@ -16,6 +16,7 @@ from tau_core.functional import (
     global_contrastive_rows,
     temperature_step,
 )
+from tau_core.global_temperature import GlobalLearnedTemperature, GlobalTemperature
 from tau_core.losses import ContrastiveLoss, temperature_stats
 from tau_core.state import (
     STATE_LAYOUTS,
@@ -28,13 +29,8 @@ from tau_core.state import (
     save_state_shards,
 )
 from tau_core.temperature import FixedTemperature, LearnedTemperature, TemperatureRule
-from tau_core.trained import (
-    GlobalLearnedTemperature,
-    GlobalTemperature,
-    NetworkTemperature,
-    TemperatureNetwork,
-    TrainedTemperatureMixin,
-)
+from tau_core.temperature_network import NetworkTemperature, TemperatureNetwork
+from tau_core.trained import TrainedTemperatureMixin
 
 __all__ = [
     "ContrastiveLoss",

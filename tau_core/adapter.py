@@ -7,6 +7,7 @@ mixins), the argument checks, the collectives, the block math and its tiled form
 the reading of a loss class's options from its signature (for the registries).
 """
 
+from tau_core.blocks import AnchorBlock
 from tau_core.checks import (
     check_flag,
     check_number,
@@ -23,15 +24,11 @@ from tau_core.distributed import (
     rank,
     world_size,
 )
+from tau_core.dystress import DYSTRESS_MONOTONE_RATIO, DYSTRESS_RANKING_RATIO, DySTreSSBase
 from tau_core.functional import weighted_similarity_sum, with_value
-from tau_core.losses import (
-    DYSTRESS_MONOTONE_RATIO,
-    DYSTRESS_RANKING_RATIO,
-    AnchorBlock,
-    DySTreSSBase,
-    GlobalContrastiveLoss,
-    normalized_float32,
-)
+from tau_core.global_contrastive import GlobalContrastiveLoss
+from tau_core.global_temperature import GlobalTemperatureLoss
+from tau_core.losses import normalized_float32
 from tau_core.options import (
     PLUMBING,
     LossOption,
@@ -40,14 +37,9 @@ from tau_core.options import (
     signature_keywords,
     temperature_bounds,
 )
+from tau_core.temperature_network import TemperatureNetworkLoss, build_networks
 from tau_core.tiled import check_chunk_size, tiled_dystress, tiled_global_contrastive
-from tau_core.trained import (
-    GlobalTemperatureLoss,
-    TemperatureNetworkLoss,
-    average_gradient_over_ranks,
-    build_networks,
-    derive_seed,
-)
+from tau_core.trained import average_gradient_over_ranks, derive_seed
 
 __all__ = [
     "DYSTRESS_MONOTONE_RATIO",

@@ -259,7 +259,50 @@ def tiled_global_contrastive_pair(
     tau, log_u = tau.detach().float(), log_u.float()
     inv_tau_t, log_u_t = tau_t.detach().float().reciprocal(), log_u_t.float()
     new_log_u, grad_tau = torch.empty_like(log_u), torch.zeros_like(log_u)
-    need_grad = torch.is_grad_enabled() and (anchors.requires_grad or candidates.requires_grad)
+    row_args = (pos_col, tau, log_u, gamma, rho, num_neg, need_grad_tau)
+    diag, stats = _first_pass(
+        anchors, candidates, row_args, t_pos, inv_tau_t, chunk_size, new_log_u, grad_tau
+    )
+    with torch.no_grad(), torch.autocast(device_type=anchors.device.type, enabled=False):
+        new_log_u_t, sum_w_t, grad_tau_t = _column_rows(
+            stats, log_u_t, gamma, rho, num_neg, need_grad_tau
+        )
+    scratch = diag.new_empty(min(chunk_size, rows), rows)
+
+    def tile(r: slice, sim: Tensor, coef: Tensor) -> None:
+        d = scratch[: r.stop - r.start]
+        row_coefficients(sim, pos_col[r], None, tau[r], new_log_u[r], out=coef)
+        # The transpose's coefficients at (i, j): exp(d_ij - log u_j), -sum_i w_ij at i = j.
+        local = torch.arange(r.stop - r.start, device=sim.device)
+        torch.sub(sim, diag, out=d).mul_(inv_tau_t).sub_(new_log_u_t).exp_()
+        d[local, t_pos[r]] = -sum_w_t[r]
+        coef.add_(d)
+
+    surrogate = tiled_weighted_sum(anchors, candidates, chunk_size, tile)
+    objective = tau * (new_log_u + rho)
+    objective_t = tau_t.detach().float() * (new_log_u_t + rho)
+    return (
+        surrogate,
+        GCLRows(None, new_log_u, grad_tau, objective, num_neg),
+        GCLRows(None, new_log_u_t, grad_tau_t, objective_t, num_neg),
+    )
+
+
+def _first_pass(
+    anchors: Tensor,
+    candidates: Tensor,
+    row_args: tuple,
+    t_pos: Tensor,
+    inv_tau_t: Tensor,
+    chunk_size: int,
+    new_log_u: Tensor,
+    grad_tau: Tensor,
+) -> tuple[Tensor, list[Tensor]]:
+    """The first pass of :func:`tiled_global_contrastive_pair`: the rows' new ``log(u)`` and
+    temperature gradient (written into ``new_log_u``, ``grad_tau``), the positives' similarities
+    ``S_jj`` and the columns' running statistics (:func:`_column_statistics`)."""
+    pos_col, tau, log_u, gamma, rho, num_neg, need_grad_tau = row_args
+    rows = anchors.shape[0]
     with torch.no_grad(), torch.autocast(device_type=anchors.device.type, enabled=False):
         a, c = anchors.detach().float(), candidates.detach().float()
         # The positives' similarities S_jj (the columns' positives), as in the matrix product.
@@ -278,39 +321,26 @@ def tiled_global_contrastive_pair(
             excluded = (local, t_pos[r])
             torch.sub(sim, diag, out=d).mul_(inv_tau_t)
             _column_statistics(d, excluded, stats, need_grad_tau)
-        col_max, col_sum, col_ent = stats
-        log_total = col_max + col_sum.log()
-        new_log_u_t = moving_average_log(log_u_t, log_total - math.log(num_neg), gamma)
-        sum_w_t = (log_total - new_log_u_t).exp()
-        grad_tau_t = torch.zeros_like(log_u_t)
-        if need_grad_tau:
-            shift = col_max - new_log_u_t
-            mean_w_log_w = shift.exp() * (col_ent + shift * col_sum) / num_neg
-            grad_tau_t = temperature_gradient(new_log_u_t, sum_w_t, mean_w_log_w, rho, num_neg)
+    return diag, stats
 
-        value = a.new_zeros(())
-        grad_a = torch.empty_like(a) if need_grad else None
-        grad_c = torch.zeros_like(c) if need_grad else None
-        for r in _tiles(rows, chunk_size):
-            sim, coef, d = (x[: r.stop - r.start] for x in (sim_buffer, coef_buffer, scratch))
-            torch.mm(a[r], c.T, out=sim)
-            row_coefficients(sim, pos_col[r], None, tau[r], new_log_u[r], out=coef)
-            # The transpose's coefficients at (i, j): exp(d_ij - log u_j), -sum_i w_ij at i = j.
-            local = torch.arange(r.stop - r.start, device=a.device)
-            torch.sub(sim, diag, out=d).mul_(inv_tau_t).sub_(new_log_u_t).exp_()
-            d[local, t_pos[r]] = -sum_w_t[r]
-            coef.add_(d)
-            value += torch.dot(sim.reshape(-1), coef.reshape(-1))
-            if need_grad:
-                torch.mm(coef, c, out=grad_a[r])
-                grad_c.addmm_(coef.T, a[r])
-    if need_grad:
-        grad_a, grad_c = grad_a.to(anchors.dtype), grad_c.to(candidates.dtype)
-    surrogate = _PrecomputedGradient.apply(anchors, candidates, value, grad_a, grad_c)
-    objective = tau * (new_log_u + rho)
-    objective_t = tau_t.detach().float() * (new_log_u_t + rho)
-    return (
-        surrogate,
-        GCLRows(None, new_log_u, grad_tau, objective, num_neg),
-        GCLRows(None, new_log_u_t, grad_tau_t, objective_t, num_neg),
-    )
+
+def _column_rows(
+    stats: list[Tensor],
+    log_u_t: Tensor,
+    gamma: float,
+    rho: float,
+    num_neg: int,
+    need_grad_tau: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The transposed role's new ``log(u)``, sum of weights and temperature gradient, from the
+    columns' statistics ``[max, sum exp(d - max), sum exp(d - max) * (d - max)]``."""
+    col_max, col_sum, col_ent = stats
+    log_total = col_max + col_sum.log()
+    new_log_u_t = moving_average_log(log_u_t, log_total - math.log(num_neg), gamma)
+    sum_w_t = (log_total - new_log_u_t).exp()
+    grad_tau_t = torch.zeros_like(log_u_t)
+    if need_grad_tau:
+        shift = col_max - new_log_u_t
+        mean_w_log_w = shift.exp() * (col_ent + shift * col_sum) / num_neg
+        grad_tau_t = temperature_gradient(new_log_u_t, sum_w_t, mean_w_log_w, rho, num_neg)
+    return new_log_u_t, sum_w_t, grad_tau_t

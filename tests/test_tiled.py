@@ -176,9 +176,9 @@ def test_no_block_sized_tensor_is_created(name: str, monkeypatch: pytest.MonkeyP
     """Forward and backward of a tiled loss create nothing of size (rows, cols): the largest
     tensor is a tile (chunk_size x cols) or the features, never the block (DySTreSS's statistics
     sample at most ``STATS_PAIRS`` pairs, a constant, made small here)."""
-    import tau_core.losses
+    import tau_core.dystress
 
-    monkeypatch.setattr(tau_core.losses, "STATS_PAIRS", 512)
+    monkeypatch.setattr(tau_core.dystress, "STATS_PAIRS", 512)
     batch, dim, chunk = 96, 16, 8
     cls, kwargs = LOSSES[name]
     if "dim" in kwargs:  # a small network: its (rows, prototypes) activations stay small
