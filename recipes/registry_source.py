@@ -32,7 +32,8 @@ def _source(module: str) -> tuple[Path, ast.Module]:
     if spec is None or not spec.submodule_search_locations:
         raise LookupError(f"package {package} is not installed")
     folder = Path(next(iter(spec.submodule_search_locations)))
-    path = folder.joinpath(*name.split(".")).with_suffix(".py") if name else folder / "__init__.py"
+    path = folder.joinpath(*name.split("."))  # name "": the package itself
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")  # a (sub)package
     return path, ast.parse(path.read_text(), str(path))
 
 
@@ -83,7 +84,16 @@ def _class_stub(import_path: str) -> type:
     ``__init__``, and no body: what :func:`class_options` reads."""
     module, _, name = import_path.partition(":")
     path, tree = _source(module)
-    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    if node is None:  # a name a package's __init__ imports from the module defining it
+        origin = next(
+            f"{n.module}:{alias.name}"
+            for n in tree.body
+            if isinstance(n, ast.ImportFrom) and n.module and not n.level
+            for alias in n.names
+            if (alias.asname or alias.name) == name
+        )
+        return _class_stub(origin)
     init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     stub = copy.deepcopy(init)
     stub.body, stub.decorator_list, stub.returns = [ast.Pass()], [], None

@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = "images/architecture.svg"
 
+# The adapters' losses, one module each (lightly_tau/losses/, openclip_tau/losses/).
+LOSS_MODULES = ("sogclr", "isogclr", "rgclg", "tempnet", "dystress")
+
 # Package box -> (title, fill, stroke, modules); a module is a dotted name, a folder of scripts
 # ("recipes", "examples") one node. tau_core's own name is its public API (its __init__).
 PACKAGES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
@@ -32,7 +35,15 @@ PACKAGES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
         "lightly_tau: the Lightly adapter",
         "#e8eaf6",
         "#3f51b5",
-        tuple(f"lightly_tau.{m}" for m in ("registry", "lightning", "losses", "data")),
+        tuple(
+            f"lightly_tau.{m}"
+            for m in (
+                "registry",
+                "lightning",
+                *(f"losses.{loss}" for loss in (*LOSS_MODULES, "unimodal")),
+                "data",
+            )
+        ),
     ),
     "openclip_tau": (
         "openclip_tau: the OpenCLIP adapter and python -m openclip_tau.train",
@@ -54,7 +65,7 @@ PACKAGES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                     )
                 ),
                 "registry",
-                "losses",
+                *(f"losses.{loss}" for loss in (*LOSS_MODULES, "image_text")),
                 "data",
                 "key_index",
             )
