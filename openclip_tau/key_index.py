@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-from webdataset import gopen
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
+
+# webdataset is imported where it is used: it imports torch, which ``--help`` does not need.
 
 FORMAT_LINE = "# openclip_tau key index v1: line k after the header is the key of index k"
 
@@ -59,6 +58,8 @@ def expand_shards(shards: Union[str, Sequence[str]]) -> list[str]:
     """
     if isinstance(shards, str):
         shards = shards.split("::")
+    from webdataset.shardlists import expand_urls
+
     urls: list[str] = []
     for pattern in shards:
         urls.extend(expand_urls(pattern))
@@ -103,6 +104,8 @@ def _member_names(url: str) -> Iterator[str]:
             if size is not None:
                 _check_end_of_archive(url, tar.offset, size)
     else:
+        from webdataset import gopen
+
         with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if member.isfile():
@@ -157,6 +160,8 @@ def shard_keys(url: str) -> list[str]:
 
 
 def _shard_keys(url: str) -> list[str]:
+    from webdataset.tariterators import base_plus_ext
+
     keys: dict[str, None] = {}  # insertion-ordered set
     for name in _member_names(url):
         key, _ = base_plus_ext(name)

@@ -34,6 +34,7 @@ ENTRY_POINTS = (
     "recipes.cc3m.shards",
     "recipes.cc3m.tsv",
     "recipes.cc3m.make_smoke_data",
+    "openclip_tau.key_index",
 )
 PROBE = """
 import contextlib, io, resource, runpy, sys
@@ -57,9 +58,9 @@ with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
     getattr(importlib.import_module(module), name)()
 print(0, "torch" in sys.modules, "usage:" in out.getvalue())
 """
-# Console scripts whose package imports torch as it loads (openclip_tau), or whose module does
-# (recipes.analyze_temperatures): their --help still imports it.
-IMPORT_TORCH = ("openclip-tau-train", "openclip-tau-key-index", "lightly-tau-analyze-temperatures")
+# Console scripts whose --help still imports torch: the training run's parser is built from the
+# imported registry (openclip_tau.train), and recipes.analyze_temperatures imports it as it loads.
+IMPORT_TORCH = ("openclip-tau-train", "lightly-tau-analyze-temperatures")
 SCRIPTS = {
     e.name: e.value
     for e in distribution("lightly-tau").entry_points
