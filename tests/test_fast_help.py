@@ -58,9 +58,9 @@ with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
     getattr(importlib.import_module(module), name)()
 print(0, "torch" in sys.modules, "usage:" in out.getvalue())
 """
-# Console scripts whose --help still imports torch: the training run's parser is built from the
-# imported registry (openclip_tau.train), and recipes.analyze_temperatures imports it as it loads.
-IMPORT_TORCH = ("openclip-tau-train", "lightly-tau-analyze-temperatures")
+# The console script whose --help still imports torch: the training run's parser is built from
+# the imported registry.
+IMPORT_TORCH = ("openclip-tau-train",)
 SCRIPTS = {
     e.name: e.value
     for e in distribution("lightly-tau").entry_points
