@@ -7,7 +7,7 @@ the recipes then offer it, with one ``--tau-*`` option per hyperparameter of its
 
 Examples:
     >>> from openclip_tau import registry
-    >>> registry.LOSS_OPTIONS["tau_rho"][0]
+    >>> registry.loss_options()["tau_rho"][0]
     'rho'
     >>> registry.options("isogclr")["rho"].default
     6.0
@@ -15,12 +15,13 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any, Callable, Optional, Union
 
 from torch import Tensor
 
+from openclip_tau import flags
+from openclip_tau.flags import FlagTable, float_or_off, option_dest
 from openclip_tau.losses import (
     DySTreSSClipLoss,
     ISogCLRClipLoss,
@@ -111,9 +112,6 @@ LOSSES: dict[str, LossSpec] = {
 # Upstream's own losses, offered beside ours by openclip_tau.train.
 UPSTREAM_LOSSES = ("clip", "siglip")
 
-# Keyword -> option name where "tau_" + keyword would read badly.
-_OPTION_NAMES = {"lr_tau": "tau_lr", "num_prototypes": "tau_prototypes"}
-
 __all__ = [
     "LOSSES",
     "LossOption",
@@ -133,50 +131,15 @@ def options(name: str) -> dict[str, LossOption]:
     return class_options(LOSSES[name].cls)
 
 
-def option_dest(keyword: str) -> str:
-    """The ``--tau-*`` option of a keyword, as an argparse dest (``rho`` -> ``tau_rho``)."""
-    if keyword in _OPTION_NAMES:
-        return _OPTION_NAMES[keyword]
-    if keyword.startswith("lr_tau_"):
-        return "tau_lr_" + keyword[len("lr_tau_") :]
-    return keyword if keyword.startswith("tau_") else "tau_" + keyword
-
-
-def float_or_off(text: str) -> float:
-    """A float option where ``0``, ``none`` or ``off`` switch the feature off (read as 0.0)."""
-    if text.strip().lower() in ("none", "off"):
-        return 0.0
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-
-
-def loss_options() -> dict[str, tuple[str, Callable[[str], Any], str]]:
-    """``dest -> (keyword, type, help)`` for every hyperparameter of the registered losses.
-
-    The first loss (in :data:`LOSSES` order) whose docstring describes a keyword gives its help
-    text. A float that may be None (switched off) reads ``0``, ``none`` or ``off`` as off.
-    """
-    table: dict[str, tuple[str, Callable[[str], Any], str]] = {}
-    for name in LOSSES:
-        for keyword, option in options(name).items():
-            dest = option_dest(keyword)
-            if dest in table and table[dest][2]:
-                continue
-            kind: Callable[[str], Any] = option.kind
-            if option.optional and option.kind is float:
-                kind = float_or_off
-            text = option.help
-            if kind is float_or_off:
-                text += " (0 or none: off)"
-            table[dest] = (keyword, kind, text)
-    return table
+def loss_options() -> FlagTable:
+    """``dest -> (keyword, type, help)`` for every hyperparameter of the registered losses
+    (:func:`openclip_tau.flags.loss_options` of their classes)."""
+    return flags.loss_options({name: spec.cls for name, spec in LOSSES.items()})
 
 
 def off_at_zero() -> tuple[str, ...]:
     """Keywords whose option value 0 means None (the feature switched off)."""
-    return tuple(kw for kw, kind, _ in loss_options().values() if kind is float_or_off)
+    return flags.off_at_zero(loss_options())
 
 
 def stateful_losses() -> tuple[str, ...]:

@@ -21,19 +21,20 @@ has the memory for the replicated run (``MemAvailable``, read with psutil)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import psutil
 import torch
 from torch import distributed as torch_dist
+from torch.utils.benchmark import Measurement, Timer
 
 from openclip_tau import ISogCLRClipLoss
 from tau_core.state import (
@@ -111,16 +112,10 @@ def measure(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
         rows = loss.state.read(index)
         loss.state.write(index, rows)
 
-    times: dict[str, float] = {}
-    for name, fn in (("loss_step", loss_step), ("state_step", state_step)):
-        samples = []
-        for k in range(config["warmup"] + config["steps"]):
-            torch_dist.barrier()
-            start = time.perf_counter()
-            fn(k)
-            if k >= config["warmup"]:
-                samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
+    times = {
+        name: median_step_seconds(fn, config["warmup"], config["steps"])
+        for name, fn in (("loss_step", loss_step), ("state_step", state_step))
+    }
     return {
         "rss": built - before,
         "rss_after_step": stepped - before,
@@ -128,6 +123,26 @@ def measure(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
         "line": describe_state_memory(loss),
         **times,
     }
+
+
+def median_step_seconds(step: Callable[[int], None], warmup: int, steps: int) -> float:
+    """Median seconds of ``step(k)`` over ``steps`` calls after ``warmup`` untimed ones, each
+    timed call started together on every rank (``torch.utils.benchmark.Timer`` with a barrier
+    as its setup).
+
+    A fixed count of calls: an adaptive one (``blocked_autorange``) could differ between ranks
+    and hang their collectives. Each ``timeit(1)`` also runs ``Timer``'s own two warm-up calls.
+    """
+    calls = itertools.count()
+    timer = Timer(
+        "step(next(calls))",
+        setup="barrier()",
+        globals={"step": step, "calls": calls, "barrier": torch_dist.barrier},
+        num_threads=torch.get_num_threads(),
+    )
+    for _ in range(warmup):
+        step(next(calls))
+    return Measurement.merge([timer.timeit(1) for _ in range(steps)])[0].median
 
 
 def run(num_samples: int, layout: str, args: argparse.Namespace) -> list[dict[str, Any]]:

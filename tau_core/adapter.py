@@ -2,8 +2,8 @@
 
 ``lightly_tau`` and ``openclip_tau`` import from :mod:`tau_core` (the user API) and from this
 module only. Here: the loss bases an adapter subclasses (``GlobalContrastiveLoss`` and
-``DySTreSSBase`` with their ``anchor_blocks`` hook and :class:`AnchorBlock`, the RGCL-g and TempNet
-mixins), the argument checks, the collectives, the block math and its tiled form, the seeds, and
+``DySTreSSBase`` with their ``anchor_blocks`` hook and :class:`AnchorBlock`, the SogCLR, RGCL-g and
+TempNet mixins), the argument checks, the collectives, the block math and its tiled form, the seeds, and
 the reading of a loss class's options from its signature (for the registries).
 """
 
@@ -37,6 +37,7 @@ from tau_core.options import (
     signature_keywords,
     temperature_bounds,
 )
+from tau_core.temperature import FixedTemperatureMixin
 from tau_core.temperature_network import TemperatureNetworkLoss, build_networks
 from tau_core.tiled import check_chunk_size, tiled_dystress, tiled_global_contrastive
 from tau_core.trained import average_gradient_over_ranks, derive_seed
@@ -47,6 +48,7 @@ __all__ = [
     "PLUMBING",
     "AnchorBlock",
     "DySTreSSBase",
+    "FixedTemperatureMixin",
     "GlobalContrastiveLoss",
     "GlobalTemperatureLoss",
     "LossOption",

@@ -54,13 +54,6 @@ class DySTreSSBase(ContrastiveLoss):
         self.tau_min, self.tau_max = check_temperature_range(tau_min, tau_max)
         warn_wide_dystress_range(self.tau_min, self.tau_max)
 
-    def gathers(self) -> bool:
-        return self.gather_distributed and is_distributed()
-
-    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
-        """The adapter's similarity blocks of the normalised float32 features ``z0``, ``z1``."""
-        raise NotImplementedError
-
     def dystress_loss(
         self, names: tuple[str, str], out0: Tensor, out1: Tensor, index: Optional[IndexLike]
     ) -> Tensor:

@@ -159,15 +159,6 @@ class GlobalContrastiveLoss(ContrastiveLoss):
         self.state.check_loadable(state_dict, prefix + "state.")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    # ------------------------------------------------------------- adapter hooks
-    def gathers(self) -> bool:
-        """Whether the blocks use other ranks' features (a collective in every forward)."""
-        return self.gather_distributed and is_distributed()
-
-    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
-        """The adapter's similarity blocks of the normalised float32 features ``z0``, ``z1``."""
-        raise NotImplementedError
-
     # ------------------------------------------------------------- the forward, once
     def global_contrastive_loss(
         self, names: tuple[str, str], out0: Tensor, out1: Tensor, index: Optional[IndexLike]

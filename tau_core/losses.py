@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from tau_core import device as device_runtime
+from tau_core.blocks import AnchorBlock
 from tau_core.checks import pair_features_problem
-from tau_core.distributed import all_reduce_max, raise_agreed
+from tau_core.distributed import all_reduce_max, is_distributed, raise_agreed
 from tau_core.state import PerSampleStateBase
 
 IndexLike = Union[Tensor, Sequence[int]]
@@ -199,6 +200,15 @@ class ContrastiveLoss(nn.Module):
             and torch.is_grad_enabled()
             and any(f.requires_grad for f in features)
         )
+
+    # ------------------------------------------------------------- adapter hooks
+    def gathers(self) -> bool:
+        """Whether the blocks use other ranks' features (a collective in every forward)."""
+        return self.gather_distributed and is_distributed()
+
+    def anchor_blocks(self, z0: Tensor, z1: Tensor) -> list[AnchorBlock]:
+        """The adapter's similarity blocks of the normalised float32 features ``z0``, ``z1``."""
+        raise NotImplementedError
 
     def check_batch(
         self,

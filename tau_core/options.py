@@ -12,6 +12,19 @@ import re
 import typing
 from typing import Any, Iterable, Optional
 
+STATE_LAYOUTS = ("replicated", "sharded")
+"""The values of a stateful loss's ``state_layout`` keyword (see :func:`tau_core.make_state`)."""
+
+__all__ = [
+    "PLUMBING",
+    "STATE_LAYOUTS",
+    "LossOption",
+    "class_options",
+    "docstring_help",
+    "signature_keywords",
+    "temperature_bounds",
+]
+
 # Keywords a host or a training loop sets, never a user's hyperparameter.
 PLUMBING = frozenset(
     {

@@ -57,6 +57,23 @@ class FixedTemperature:
         return {"log_u" + suffix: log_u}
 
 
+class FixedTemperatureMixin:
+    """The ``temperature`` of a loss whose rule (``self.settings``) is a
+    :class:`FixedTemperature` (SogCLR on either host): read, and set to a new rule with the same
+    checks, e.g. by a schedule between steps."""
+
+    settings: FixedTemperature
+
+    @property
+    def temperature(self) -> float:
+        """The global temperature (settable, e.g. by a schedule)."""
+        return self.settings.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.settings = FixedTemperature(value)
+
+
 class LearnedTemperature:
     """iSogCLR's temperature: one per sample, learned by a momentum step (validated settings).
 

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:  # recipes/ is run from the repository, not instal
 
 from lightly_tau import ISogCLRLoss  # noqa: E402
 from recipes import analyze_temperatures as at  # noqa: E402
+from recipes import temperature_report  # noqa: E402
 from recipes.longtail.models import SimCLRModel  # noqa: E402
 
 CLASSES = {"bird": 7, "cat": 5, "dog": 4}
@@ -151,5 +152,9 @@ def test_bad_inputs_name_the_problem(tmp_path: Path, capsys) -> None:
         at.main(argv)
     assert "no per-sample temperature table" in capsys.readouterr().err
     with pytest.raises(at.AnalysisError, match="several temperature tables"):
-        at.find_temperatures({"a.tau": torch.ones(2), "loss": {"state.tau": torch.ones(2)}})
-    assert at.find_temperatures({"a.tau": torch.ones(2), "b": 1}, None)[0] == "a.tau"
+        temperature_report.find_temperatures(
+            {"a.tau": torch.ones(2), "loss": {"state.tau": torch.ones(2)}}
+        )
+    assert (
+        temperature_report.find_temperatures({"a.tau": torch.ones(2), "b": 1}, None)[0] == "a.tau"
+    )

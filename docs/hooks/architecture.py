@@ -62,9 +62,11 @@ PACKAGES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                         "monitoring",
                         "options",
                         "errors",
+                        "command",
                     )
                 ),
                 "registry",
+                "flags",
                 *(f"losses.{loss}" for loss in (*LOSS_MODULES, "image_text")),
                 "data",
                 "key_index",
@@ -79,6 +81,7 @@ PACKAGES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
             "tau_core",
             "tau_core.adapter",
             "tau_core.options",
+            "tau_core.registry_source",
             "tau_core.global_contrastive",
             "tau_core.dystress",
             "tau_core.losses",
@@ -131,15 +134,24 @@ def _node(name: str, nodes: set[str]) -> str | None:
     return name if name in nodes else None
 
 
-def _statements(tree: ast.AST):  # noqa: ANN202 - a generator of ast nodes
-    """Every import statement, except those under ``if TYPE_CHECKING:`` (not run)."""
+def _statements(tree: ast.AST, lazy: bool = False):  # noqa: ANN202 - a generator of ast nodes
+    """Every import statement, except those under ``if TYPE_CHECKING:`` (not run) unless the
+    module is ``lazy`` (a package whose ``__getattr__`` imports those names at first use)."""
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            if lazy:
+                yield from _statements(node, lazy)
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
         else:
-            yield from _statements(node)
+            yield from _statements(node, lazy)
+
+
+def _is_lazy(tree: ast.Module) -> bool:
+    """Whether a module defines ``__getattr__`` (PEP 562): its TYPE_CHECKING imports are the
+    names it loads on first use."""
+    return any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body)
 
 
 def _imported(path: Path, modules: dict[str, Path]) -> set[tuple[str, str]]:
@@ -148,7 +160,8 @@ def _imported(path: Path, modules: dict[str, Path]) -> set[tuple[str, str]]:
     ``from pkg import sub`` of a submodule gives (``pkg.sub``, "").
     """
     found = set()
-    for statement in _statements(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for statement in _statements(tree, _is_lazy(tree)):
         if isinstance(statement, ast.Import):
             found.update((a.name, "") for a in statement.names)
         elif statement.module and not statement.level:
@@ -164,7 +177,9 @@ def _reexports(modules: dict[str, Path]) -> dict[str, str]:
     for package, path in modules.items():
         if path.name != "__init__.py":
             continue
-        for statement in ast.parse(path.read_text(encoding="utf-8")).body:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lazy = [n.body for n in tree.body if isinstance(n, ast.If) and _is_lazy(tree)]
+        for statement in [*tree.body, *(s for body in lazy for s in body)]:
             if isinstance(statement, ast.ImportFrom) and statement.module:
                 for alias in statement.names:
                     table[f"{package}.{alias.asname or alias.name}"] = statement.module

@@ -9,10 +9,10 @@ from torch import Tensor
 
 from lightly_tau.losses.unimodal import _UnimodalGlobalLoss
 from tau_core import FixedTemperature
-from tau_core.adapter import check_chunk_size
+from tau_core.adapter import FixedTemperatureMixin, check_chunk_size
 
 
-class SogCLRLoss(_UnimodalGlobalLoss):
+class SogCLRLoss(FixedTemperatureMixin, _UnimodalGlobalLoss):
     """Global contrastive loss with a per-sample moving average (SogCLR).
 
     The negatives' normaliser of every anchor is estimated over the whole dataset by a moving
@@ -92,15 +92,6 @@ class SogCLRLoss(_UnimodalGlobalLoss):
             state_layout=state_layout,
         )
         self.chunk_size = check_chunk_size(chunk_size)
-
-    @property
-    def temperature(self) -> float:
-        """The global temperature (settable, e.g. by a schedule)."""
-        return self.settings.temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self.settings = FixedTemperature(value)
 
     @property
     def tau(self) -> Tensor:

@@ -9,10 +9,10 @@ from torch import Tensor
 
 from openclip_tau.losses.image_text import _GlobalContrastiveClipLoss
 from tau_core import FixedTemperature
-from tau_core.adapter import check_chunk_size
+from tau_core.adapter import FixedTemperatureMixin, check_chunk_size
 
 
-class SogCLRClipLoss(_GlobalContrastiveClipLoss):
+class SogCLRClipLoss(FixedTemperatureMixin, _GlobalContrastiveClipLoss):
     """Image-text global contrastive loss with per-sample moving averages (SogCLR).
 
     For image anchor ``i`` (text anchors alike, against images), with its own caption as the
@@ -98,15 +98,6 @@ class SogCLRClipLoss(_GlobalContrastiveClipLoss):
             state_layout,
         )
         self.chunk_size = check_chunk_size(chunk_size)
-
-    @property
-    def temperature(self) -> float:
-        """The global temperature (settable, e.g. by a schedule)."""
-        return self.settings.temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self.settings = FixedTemperature(value)
 
     @property
     def tau_image(self) -> Tensor:

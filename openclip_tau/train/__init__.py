@@ -14,73 +14,105 @@ names it bound at import replaced for the duration of the run. The package is sp
   temperature groups;
 - :mod:`~openclip_tau.train.monitoring`: statistics, the model's ``logit_scale``, logging;
 - :mod:`~openclip_tau.train.errors`: its two errors and which rank prints them;
-- :mod:`~openclip_tau.train.training`: :class:`LossTraining`, which coordinates them, and the
-  entry points :func:`main` and :func:`cli`.
+- :mod:`~openclip_tau.train.training`: :class:`LossTraining`, which coordinates them;
+- :mod:`~openclip_tau.train.command`: the entry points :func:`main` and :func:`cli`.
+
+The names below load on first use, so that ``--help`` answers without importing torch.
 """
 
-from openclip_tau.losses import (
-    DySTreSSClipLoss,
-    ISogCLRClipLoss,
-    RGCLGClipLoss,
-    SogCLRClipLoss,
-    TempNetClipLoss,
-)
-from openclip_tau.registry import LOSSES, LossSpec, Temperature
-from openclip_tau.train.checkpoint import (
-    CHECKPOINT_KEYS,
-    TEMPERATURE_GROUP,
-    read_loss_entries,
-    shard_folder_name,
-    temperature_groups,
-    without_temperature_groups,
-)
-from openclip_tau.train.checks import csv_rows, model_embed_dim, read_key_index
-from openclip_tau.train.errors import TrainingSetupError, UpstreamDriftError, prints_errors
-from openclip_tau.train.monitoring import (
-    OWN_LOGGERS,
-    SHARD_SAMPLE_ROWS,
-    quantile_stats,
-    setup_logging,
-    sharded_sample,
-    state_checksums,
-)
-from openclip_tau.train.options import (
-    INFINITY_ALLOWED,
-    LOSS_CHOICES,
-    LOSS_CLASSES,
-    LOSS_OPTIONS,
-    OFF_AT_ZERO,
-    STATEFUL_LOSSES,
-    SWITCHES,
-    build_loss,
-    build_parser,
-    loss_kwargs,
-    parse_loss_args,
-    with_flag_names,
-)
-from openclip_tau.train.patches import distributed_data_parallel, zero_shot_accuracy
-from openclip_tau.train.training import IndexedLoss, LossTraining, cli, main
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from openclip_tau.flags import (
+        option_flag,
+    )
+    from openclip_tau.losses import (
+        DySTreSSClipLoss,
+        ISogCLRClipLoss,
+        RGCLGClipLoss,
+        SogCLRClipLoss,
+        TempNetClipLoss,
+    )
+    from openclip_tau.registry import (
+        LOSSES,
+        LossSpec,
+        Temperature,
+    )
+    from openclip_tau.train.checkpoint import (
+        CHECKPOINT_KEYS,
+        TEMPERATURE_GROUP,
+        read_loss_entries,
+        shard_folder_name,
+        temperature_groups,
+        without_temperature_groups,
+    )
+    from openclip_tau.train.checks import (
+        csv_rows,
+        model_embed_dim,
+        read_key_index,
+    )
+    from openclip_tau.train.command import (
+        cli,
+        main,
+    )
+    from openclip_tau.train.errors import (
+        TrainingSetupError,
+        UpstreamDriftError,
+        prints_errors,
+    )
+    from openclip_tau.train.monitoring import (
+        OWN_LOGGERS,
+        SHARD_SAMPLE_ROWS,
+        quantile_stats,
+        setup_logging,
+        sharded_sample,
+        state_checksums,
+    )
+    from openclip_tau.train.options import (
+        INFINITY_ALLOWED,
+        LOSS_CHOICES,
+        LOSS_OPTIONS,
+        OFF_AT_ZERO,
+        STATEFUL_LOSSES,
+        SWITCHES,
+        build_loss,
+        build_parser,
+        loss_kwargs,
+        parse_loss_args,
+        with_flag_names,
+    )
+    from openclip_tau.train.patches import (
+        distributed_data_parallel,
+        zero_shot_accuracy,
+    )
+    from openclip_tau.train.training import (
+        IndexedLoss,
+        LossTraining,
+        run_training,
+    )
 
 __all__ = [
     "CHECKPOINT_KEYS",
+    "DySTreSSClipLoss",
     "INFINITY_ALLOWED",
+    "ISogCLRClipLoss",
+    "IndexedLoss",
     "LOSSES",
     "LOSS_CHOICES",
-    "LOSS_CLASSES",
     "LOSS_OPTIONS",
+    "LossSpec",
+    "LossTraining",
     "OFF_AT_ZERO",
     "OWN_LOGGERS",
+    "RGCLGClipLoss",
     "SHARD_SAMPLE_ROWS",
     "STATEFUL_LOSSES",
     "SWITCHES",
-    "TEMPERATURE_GROUP",
-    "DySTreSSClipLoss",
-    "ISogCLRClipLoss",
-    "IndexedLoss",
-    "LossSpec",
-    "LossTraining",
-    "RGCLGClipLoss",
     "SogCLRClipLoss",
+    "TEMPERATURE_GROUP",
     "TempNetClipLoss",
     "Temperature",
     "TrainingSetupError",
@@ -93,11 +125,13 @@ __all__ = [
     "loss_kwargs",
     "main",
     "model_embed_dim",
+    "option_flag",
     "parse_loss_args",
     "prints_errors",
     "quantile_stats",
     "read_key_index",
     "read_loss_entries",
+    "run_training",
     "setup_logging",
     "shard_folder_name",
     "sharded_sample",
@@ -107,3 +141,61 @@ __all__ = [
     "without_temperature_groups",
     "zero_shot_accuracy",
 ]
+
+_HOMES = {
+    "CHECKPOINT_KEYS": "openclip_tau.train.checkpoint",
+    "DySTreSSClipLoss": "openclip_tau.losses",
+    "INFINITY_ALLOWED": "openclip_tau.train.options",
+    "ISogCLRClipLoss": "openclip_tau.losses",
+    "IndexedLoss": "openclip_tau.train.training",
+    "LOSSES": "openclip_tau.registry",
+    "LOSS_CHOICES": "openclip_tau.train.options",
+    "LOSS_OPTIONS": "openclip_tau.train.options",
+    "LossSpec": "openclip_tau.registry",
+    "LossTraining": "openclip_tau.train.training",
+    "OFF_AT_ZERO": "openclip_tau.train.options",
+    "OWN_LOGGERS": "openclip_tau.train.monitoring",
+    "RGCLGClipLoss": "openclip_tau.losses",
+    "SHARD_SAMPLE_ROWS": "openclip_tau.train.monitoring",
+    "STATEFUL_LOSSES": "openclip_tau.train.options",
+    "SWITCHES": "openclip_tau.train.options",
+    "SogCLRClipLoss": "openclip_tau.losses",
+    "TEMPERATURE_GROUP": "openclip_tau.train.checkpoint",
+    "TempNetClipLoss": "openclip_tau.losses",
+    "Temperature": "openclip_tau.registry",
+    "TrainingSetupError": "openclip_tau.train.errors",
+    "UpstreamDriftError": "openclip_tau.train.errors",
+    "build_loss": "openclip_tau.train.options",
+    "build_parser": "openclip_tau.train.options",
+    "cli": "openclip_tau.train.command",
+    "csv_rows": "openclip_tau.train.checks",
+    "distributed_data_parallel": "openclip_tau.train.patches",
+    "loss_kwargs": "openclip_tau.train.options",
+    "main": "openclip_tau.train.command",
+    "model_embed_dim": "openclip_tau.train.checks",
+    "option_flag": "openclip_tau.flags",
+    "parse_loss_args": "openclip_tau.train.options",
+    "prints_errors": "openclip_tau.train.errors",
+    "quantile_stats": "openclip_tau.train.monitoring",
+    "read_key_index": "openclip_tau.train.checks",
+    "read_loss_entries": "openclip_tau.train.checkpoint",
+    "run_training": "openclip_tau.train.training",
+    "setup_logging": "openclip_tau.train.monitoring",
+    "shard_folder_name": "openclip_tau.train.checkpoint",
+    "sharded_sample": "openclip_tau.train.monitoring",
+    "state_checksums": "openclip_tau.train.monitoring",
+    "temperature_groups": "openclip_tau.train.checkpoint",
+    "with_flag_names": "openclip_tau.train.options",
+    "without_temperature_groups": "openclip_tau.train.checkpoint",
+    "zero_shot_accuracy": "openclip_tau.train.patches",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'openclip_tau.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

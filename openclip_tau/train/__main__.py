@@ -1,6 +1,6 @@
 """``python -m openclip_tau.train``."""
 
-from openclip_tau.train.training import cli
+from openclip_tau.train.command import cli
 
 if __name__ == "__main__":
     cli()

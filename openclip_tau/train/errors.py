@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from open_clip_train.distributed import world_info_from_env
-
 
 class TrainingSetupError(ValueError):
     """A problem with the command line or the data found before training starts.
 
-    :func:`~openclip_tau.train.training.cli` prints its message as one line
+    :func:`~openclip_tau.train.command.cli` prints its message as one line
     (``openclip_tau.train: error: ...``, rank 0 only) and exits with code 2.
     """
 
@@ -31,4 +29,8 @@ def prints_errors() -> bool:
     Returns:
         True on rank 0 or without a launcher, False on every other rank.
     """
+    # upstream's reading of the launchers' variables (imported here: it loads torch, which
+    # ``--help`` does without)
+    from open_clip_train.distributed import world_info_from_env
+
     return world_info_from_env()[1] == 0

@@ -1,6 +1,10 @@
 """Our options (``--loss``, ``--tau-*``, ``--add-model-config``), derived from the loss registry
 (:mod:`openclip_tau.registry`): the parser that takes them out of the command line before
-upstream's parser sees it, their checks, and the loss built from them."""
+upstream's parser sees it, their checks, and the loss built from them.
+
+The parser is built from :func:`tau_core.registry_source.loss_classes`: the registry's classes
+when it is loaded, else their signatures read from the source, so that ``--help`` answers
+without importing torch; the registry itself is imported when a loss is built."""
 
 from __future__ import annotations
 
@@ -9,37 +13,36 @@ import inspect
 import math
 import re
 import warnings
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from torch import nn
-
-from openclip_tau.registry import LOSSES, loss_options, off_at_zero
+from openclip_tau.flags import loss_options, off_at_zero, option_flag
 from openclip_tau.train.errors import prints_errors
-from tau_core import STATE_LAYOUTS
+from tau_core.options import STATE_LAYOUTS, signature_keywords
+from tau_core.registry_source import constant, loss_classes
 
-LOSS_CHOICES = ("clip", "siglip", *LOSSES)
+if TYPE_CHECKING:
+    from torch import nn
+
+_REGISTRY = "openclip_tau"
+_CLASSES = loss_classes(_REGISTRY)  # read once, as the module's tables are
+LOSS_CHOICES = (*constant(_REGISTRY, "UPSTREAM_LOSSES"), *_CLASSES)
 """The values of ``--loss``: upstream's two losses, then every entry of the registry."""
-LOSS_CLASSES = {name: spec.cls for name, spec in LOSSES.items()}
-"""``--loss`` name to the loss class of the registry entry."""
-STATEFUL_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.stateful)
+STATEFUL_LOSSES = tuple(
+    n for n, cls in _CLASSES.items() if "num_samples" in signature_keywords(cls)
+)
 """The ``--loss`` names whose class keeps per-sample state (takes ``num_samples``)."""
 
 
-LOSS_OPTIONS = loss_options()
+LOSS_OPTIONS = loss_options(_CLASSES)
 """``--tau-*`` option (its ``dest``) to (keyword of the loss class, type, help text), read from
 the registry's classes."""
-OFF_AT_ZERO = off_at_zero()
+OFF_AT_ZERO = off_at_zero(LOSS_OPTIONS)
 """Keywords whose option value 0 means None (the feature switched off)."""
 INFINITY_ALLOWED = ("tau_max", "tau_grad_clip")
 """Float options where inf means something (no upper bound, no clipping); every other
 ``--tau-*`` number must be finite."""
 SWITCHES = ("tau_fresh_state",)
 """Options of ours that are switches (False: not given)."""
-
-
-def option_flag(dest: str) -> str:
-    """The command-line flag of an option's ``dest``: ``tau_min`` gives ``--tau-min``."""
-    return "--" + dest.replace("_", "-")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss",
         required=True,
         choices=LOSS_CHOICES,
-        help="clip and siglip: upstream's ClipLoss / SigLipLoss; sogclr, isogclr, dystress: "
-        "openclip_tau's losses (sogclr and isogclr keep per-sample state).",
+        help=f"clip and siglip: upstream's ClipLoss / SigLipLoss; {', '.join(_CLASSES)}: "
+        f"openclip_tau's losses ({', '.join(STATEFUL_LOSSES)} keep per-sample state).",
     )
     parser.add_argument(
         "--tau-num-samples",
@@ -98,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m openclip_tau.key_index --shards <pattern> --output <file>.",
     )
     for dest, (kwarg, kind, text) in LOSS_OPTIONS.items():
-        users = [n for n, cls in LOSS_CLASSES.items() if kwarg in class_defaults(cls)]
-        defaults = ", ".join(f"{n} {_shown(class_defaults(LOSS_CLASSES[n])[kwarg])}" for n in users)
+        users = [n for n, cls in _CLASSES.items() if kwarg in class_defaults(cls)]
+        defaults = ", ".join(f"{n} {_shown(class_defaults(_CLASSES[n])[kwarg])}" for n in users)
         parser.add_argument(
             option_flag(dest),
             type=kind,
@@ -179,7 +182,7 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
             continue
         if dest in LOSS_OPTIONS:
             allowed = [
-                n for n, cls in LOSS_CLASSES.items() if LOSS_OPTIONS[dest][0] in class_defaults(cls)
+                n for n, cls in _CLASSES.items() if LOSS_OPTIONS[dest][0] in class_defaults(cls)
             ]
         else:
             allowed = list(STATEFUL_LOSSES)
@@ -203,7 +206,7 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
     stray = [a for a in rest if a.startswith("--tau") or a == "--loss"]
     if stray:
         _fail(parser, f"unrecognized option {stray[0]}; options of openclip_tau start with --tau-.")
-    if options.loss in LOSSES:
+    if options.loss in _CLASSES:
         # Every value the loss class checks (ranges, tau_min <= tau_max, ...) is checked now, by
         # the class itself, before the model and the data are built.
         try:
@@ -286,6 +289,8 @@ def build_loss(
         KeyError: ``name`` is not in the registry.
         ValueError: A keyword out of its range (the class's own check, naming the keyword).
     """
+    from openclip_tau.registry import LOSSES  # the classes themselves (and torch)
+
     spec = LOSSES[name]
     kw = dict(kwargs, rank=rank, world_size=world_size)
     if spec.stateful:

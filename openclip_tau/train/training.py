@@ -3,7 +3,8 @@ run's state and the replacements of upstream's names, and coordinates the option
 (:mod:`~openclip_tau.train.options`), the checks (:mod:`~openclip_tau.train.checks`), the
 checkpoints (:mod:`~openclip_tau.train.checkpoint`), the statistics
 (:mod:`~openclip_tau.train.monitoring`) and the patches (:mod:`~openclip_tau.train.patches`);
-:func:`main` and :func:`cli` are the entry points."""
+:func:`run_training` runs it (the entry points are in
+:mod:`~openclip_tau.train.command`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import inspect
 import io
 import logging
 import os
-import sys
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import open_clip
@@ -24,13 +24,12 @@ import open_clip_train.train as upstream_train
 import torch
 from open_clip_train import data as upstream_data
 from open_clip_train import params as upstream_params
-from open_clip_train.distributed import is_master, world_info_from_env
+from open_clip_train.distributed import is_master
 from torch import Tensor, nn
 
 from openclip_tau.data import (
     IndexedLoader,
     SampleIndexer,
-    SampleKeyError,
     derive_seed,
     indexed_train_data,
     seed_everything,
@@ -46,7 +45,6 @@ from openclip_tau.train.options import (
     LOSS_OPTIONS,
     SWITCHES,
     build_loss,
-    build_parser,
     class_defaults,
     loss_kwargs,
     parse_loss_args,
@@ -535,27 +533,20 @@ class LossTraining(InputChecks, LossCheckpoints, Monitoring, UpstreamGuards):
             self.log_stats(batch, self.steps_per_epoch * self.epoch + i)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
-    """Runs ``open_clip_train.main.main`` with the chosen loss; returns what it returns.
+def run_training(argv: Sequence[str]) -> Optional[int]:
+    """Runs ``open_clip_train.main.main`` with the loss of ``argv``; returns what it returns.
 
     Args:
-        argv: The command line without the program name (a leading ``--`` is dropped, as
-            torchrun passes it). Default None: ``sys.argv[1:]``.
+        argv: The command line without the program name and without ``--help``
+            (:func:`openclip_tau.train.main` prepares it).
 
     Returns:
         What ``open_clip_train.main.main`` returns.
 
     Raises:
         TrainingSetupError: A refused input, found before the model is built.
-        SystemExit: ``--help`` (code 0) or a refused option (code 2, one line on stderr).
+        SystemExit: A refused option (code 2, one line on stderr).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # torchrun ... -m openclip_tau.train -- <args>
-        argv = argv[1:]
-    if "-h" in argv or "--help" in argv:
-        print(build_parser().format_help())
-        print("\nopen_clip_train.main options:\n")
-        upstream_params.parse_args(["--help"])
     options, rest = parse_loss_args(argv)
     for path in options.add_model_config:
         if not os.path.exists(path):
@@ -579,30 +570,3 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
             if handler not in handlers:
                 logging.root.removeHandler(handler)
                 handler.close()
-
-
-def cli() -> None:
-    """Console entry: setup errors and sample keys outside the table are one line, exit code 2.
-
-    Under torchrun every rank finds a setup error and exits with 2; rank 0 prints it. A sample
-    key outside the table is seen by the rank whose data holds it: that rank prints it.
-
-    Raises:
-        SystemExit: Always: 0 after training, 2 for a setup error or a bad sample key.
-    """
-    try:
-        code = main()
-    except TrainingSetupError as err:
-        if prints_errors():
-            print(f"openclip_tau.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except SampleKeyError as err:
-        _, rank, world_size = world_info_from_env()
-        where = f" (rank {rank})" if world_size > 1 else ""
-        print(f"openclip_tau.train: error{where}: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
-
-
-if __name__ == "__main__":
-    cli()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from recipes.cli_args import RawDescription, call
-from recipes.registry_source import constant, loss_options
+from tau_core.registry_source import constant, loss_options
 
 # Every --loss of openclip_tau.train (its registry's loss_choices()), read without torch.
 LossName = Literal[(*constant("openclip_tau", "UPSTREAM_LOSSES"), *loss_options("openclip_tau"))]

@@ -349,6 +349,46 @@ def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[list[float], list[
     return mean.tolist(), std.tolist()
 
 
+def _builtin_splits(
+    name: str,
+    root: Path,
+    image_size: Optional[int],
+    download: bool,
+    standin: bool,
+    notes: list[str],
+) -> tuple[ImageSet, ImageSet, list[str], str]:
+    """The training and test splits of a torchvision dataset (or its smoke stand-in), its class
+    names and where it came from; a stand-in adds its note to ``notes``."""
+    if image_size is not None and image_size != NATIVE_IMAGE_SIZE[name]:
+        raise ValueError(
+            f"--image-size {image_size} is not supported for {name}: its images stay at "
+            f"their native {NATIVE_IMAGE_SIZE[name]} px."
+        )
+    if standin:
+        if name not in ("cifar10", "cifar100"):
+            raise ValueError(f"a stand-in replaces cifar10 or cifar100, not {name}.")
+        num = 10 if name == "cifar10" else 100
+        train_tensor = ImageSet(*standin_images(num, train=True)[:2])
+        test_images, test_labels, classes = standin_images(num, train=False)
+        test_tensor = ImageSet(test_images, test_labels)
+        source = f"Fashion-MNIST standing in for {name} (smoke mode)"
+        notes.append(
+            f"Smoke mode: Fashion-MNIST padded to 32 px RGB stands in for {name}"
+            + (" (100 pseudo-classes)" if num == 100 else "")
+            + "; the accuracies mean nothing."
+        )
+    else:
+        if name == "fashion-mnist":
+            source = prepare_fashion_mnist(root)
+        else:
+            source = str(root)
+        train_full = _torchvision_split(name, root, True, download)
+        test_full = _torchvision_split(name, root, False, download)
+        classes = list(train_full.classes)  # type: ignore[attr-defined]
+        train_tensor, test_tensor = _tensor_split(train_full), _tensor_split(test_full)
+    return train_tensor, test_tensor, classes, source
+
+
 def load_long_tail_data(
     name: str,
     root: Path,
@@ -409,33 +449,9 @@ def load_long_tail_data(
         test_targets = torch.as_tensor(test_full.targets, dtype=torch.long)
         source = str(folder)
     else:
-        if image_size is not None and image_size != NATIVE_IMAGE_SIZE[name]:
-            raise ValueError(
-                f"--image-size {image_size} is not supported for {name}: its images stay at "
-                f"their native {NATIVE_IMAGE_SIZE[name]} px."
-            )
-        if standin:
-            if name not in ("cifar10", "cifar100"):
-                raise ValueError(f"a stand-in replaces cifar10 or cifar100, not {name}.")
-            num = 10 if name == "cifar10" else 100
-            train_tensor = ImageSet(*standin_images(num, train=True)[:2])
-            test_images, test_labels, classes = standin_images(num, train=False)
-            test_tensor = ImageSet(test_images, test_labels)
-            source = f"Fashion-MNIST standing in for {name} (smoke mode)"
-            notes.append(
-                f"Smoke mode: Fashion-MNIST padded to 32 px RGB stands in for {name}"
-                + (" (100 pseudo-classes)" if num == 100 else "")
-                + "; the accuracies mean nothing."
-            )
-        else:
-            if name == "fashion-mnist":
-                source = prepare_fashion_mnist(root)
-            else:
-                source = str(root)
-            train_full = _torchvision_split(name, root, True, download)
-            test_full = _torchvision_split(name, root, False, download)
-            classes = list(train_full.classes)  # type: ignore[attr-defined]
-            train_tensor, test_tensor = _tensor_split(train_full), _tensor_split(test_full)
+        train_tensor, test_tensor, classes, source = _builtin_splits(
+            name, root, image_size, download, standin, notes
+        )
         train_targets, test_targets = train_tensor.targets, test_tensor.targets
 
     num_classes = len(classes)

@@ -706,6 +706,61 @@ def markdown(
     )
 
 
+def _write_claim(
+    output: Path, paths: dict[str, Path], claim_runs: Sequence[ClaimRun]
+) -> tuple[dict[str, Any], Optional[dict[str, Any]], list[str]]:
+    """The temperature-frequency claim's table, plots and per-sample CSV (their paths added to
+    ``paths``); returns its part of ``results.json``, its report context and its findings."""
+    if not claim_runs:
+        return {}, None, []
+    verdict = claim.claim_verdict(claim_runs)
+    analyses = [claim.density_analysis(r) for r in claim_runs if r.tau is not None]
+    table_rows = claim.claim_rows(claim_runs, analyses)
+    paths["claim_csv"] = output / "claim.csv"
+    write_csv(paths["claim_csv"], table_rows)
+    paths["claim_plot"] = output / PLOTS["claim"]
+    claim.plot_claim_curves(paths["claim_plot"], claim_runs)
+    if analyses:
+        paths["per_sample_csv"] = output / "per_sample.csv"
+        claim.write_per_sample_csv(paths["per_sample_csv"], claim_runs)
+        paths["density_plot"] = output / PLOTS["density"]
+        # One run per class order in the plot (the first seed of each).
+        shown: dict = {}
+        for run in claim_runs:
+            shown.setdefault((run.class_order, run.data_seed), run)
+        claim.plot_density(paths["density_plot"], list(shown.values()))
+    claim_context = claim.claim_tables(claim_runs, verdict, analyses)
+    claim_findings = [verdict["text"]] + ([claim.density_verdict(analyses)] if analyses else [])
+    claim_document = {"verdict": verdict, "runs": table_rows, "density": analyses}
+    return claim_document, claim_context, claim_findings
+
+
+def _write_temperatures(
+    output: Path, paths: dict[str, Path], iso: list[RunResult], data: LongTailData
+) -> tuple[Optional[pd.DataFrame], list[dict[str, Any]]]:
+    """The iSogCLR temperature plots (their paths added to ``paths``); returns the extremes
+    table and the quantiles by class group."""
+    tau_extremes: Optional[pd.DataFrame] = None
+    tau_quantiles: list[dict[str, Any]] = []
+    if not iso:
+        return tau_extremes, tau_quantiles
+    paths["temperature_class_plot"] = output / PLOTS["tau_class"]
+    paths["temperature_histogram_plot"] = output / PLOTS["tau_hist"]
+    plot_temperature_by_class(paths["temperature_class_plot"], iso, data)
+    plot_temperature_histogram(paths["temperature_histogram_plot"], iso[0], data)
+    with_samples = [r for r in iso if r.sample_temperatures]
+    tau_quantiles = temperature_quantiles_by_group(with_samples, data)
+    if with_samples:
+        paths["temperature_extremes_plot"] = output / PLOTS["tau_extremes"]
+        tau_extremes = write_temperature_extremes(
+            paths["temperature_extremes_plot"],
+            with_samples[0].sample_temperatures,
+            data,
+            with_samples[0].seed,
+        )
+    return tau_extremes, tau_quantiles
+
+
 def write_report(
     output: Path,
     config: dict,
@@ -744,46 +799,8 @@ def write_report(
         (output / PLOTS[name]).unlink(missing_ok=True)
     for name in ("claim.csv", "per_sample.csv"):
         (output / name).unlink(missing_ok=True)
-    claim_document: dict[str, Any] = {}
-    claim_context: Optional[dict[str, Any]] = None
-    claim_findings: list[str] = []
-    if claim_runs:
-        verdict = claim.claim_verdict(claim_runs)
-        analyses = [claim.density_analysis(r) for r in claim_runs if r.tau is not None]
-        table_rows = claim.claim_rows(claim_runs, analyses)
-        paths["claim_csv"] = output / "claim.csv"
-        write_csv(paths["claim_csv"], table_rows)
-        paths["claim_plot"] = output / PLOTS["claim"]
-        claim.plot_claim_curves(paths["claim_plot"], claim_runs)
-        if analyses:
-            paths["per_sample_csv"] = output / "per_sample.csv"
-            claim.write_per_sample_csv(paths["per_sample_csv"], claim_runs)
-            paths["density_plot"] = output / PLOTS["density"]
-            # One run per class order in the plot (the first seed of each).
-            shown: dict = {}
-            for run in claim_runs:
-                shown.setdefault((run.class_order, run.data_seed), run)
-            claim.plot_density(paths["density_plot"], list(shown.values()))
-        claim_context = claim.claim_tables(claim_runs, verdict, analyses)
-        claim_findings = [verdict["text"]] + ([claim.density_verdict(analyses)] if analyses else [])
-        claim_document = {"verdict": verdict, "runs": table_rows, "density": analyses}
-    tau_extremes: Optional[pd.DataFrame] = None
-    tau_quantiles: list[dict[str, Any]] = []
-    if iso:
-        paths["temperature_class_plot"] = output / PLOTS["tau_class"]
-        paths["temperature_histogram_plot"] = output / PLOTS["tau_hist"]
-        plot_temperature_by_class(paths["temperature_class_plot"], iso, data)
-        plot_temperature_histogram(paths["temperature_histogram_plot"], iso[0], data)
-        with_samples = [r for r in iso if r.sample_temperatures]
-        tau_quantiles = temperature_quantiles_by_group(with_samples, data)
-        if with_samples:
-            paths["temperature_extremes_plot"] = output / PLOTS["tau_extremes"]
-            tau_extremes = write_temperature_extremes(
-                paths["temperature_extremes_plot"],
-                with_samples[0].sample_temperatures,
-                data,
-                with_samples[0].seed,
-            )
+    claim_document, claim_context, claim_findings = _write_claim(output, paths, claim_runs)
+    tau_extremes, tau_quantiles = _write_temperatures(output, paths, iso, data)
     document = {
         "config": config,
         "data": data.summary(),

@@ -318,12 +318,26 @@ def parse_options(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argpars
     return parser, args
 
 
-def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> int:
-    """Runs the comparison; returns the exit status (argument errors exit with status 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser, args = parse_options(argv)
-    started = started or time.time()
+@dataclass
+class Plan:
+    """What the checked options resolve to: the losses, the iSogCLR claim runs, the device."""
 
+    dataset: str
+    folder: Optional[Path]
+    losses: list[str]
+    claim_seeds: list[int]
+    claim_orders: list[str]
+    device: str
+    main_key: tuple[str, int]
+    claim_keys: list[tuple[str, int]]
+    claim_jobs: list[tuple[tuple[str, int], int]]
+    parallel: int
+    threads: int
+    loss_settings: LossSettings
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """Checks the options against each other (each error names its option) and resolves them."""
     dataset, folder = _dataset_choice(parser, args.dataset)
     if args.preset == "imagenet100-lt" and dataset != "folder":
         parser.error(
@@ -363,7 +377,6 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     parallel, threads = resolve_parallelism(
         parser, args, device, len(losses) * len(args.seeds) + len(claim_jobs)
     )
-    torch.set_num_threads(threads)
     loss_settings = _from_options(
         LossSettings,
         args,
@@ -375,14 +388,23 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
     if args.knn_t <= 0:
         parser.error(f"--knn-t must be > 0, got {args.knn_t:g}.")
     check_output(parser, args.output)
+    return Plan(
+        dataset, folder, losses, claim_seeds, claim_orders, device, main_key, claim_keys,
+        claim_jobs, parallel, threads, loss_settings,
+    )  # fmt: skip
 
+
+def _load_datas(parser: argparse.ArgumentParser, args: argparse.Namespace, plan: Plan) -> dict:
+    """The long-tailed data of every (class order, data seed) the runs need."""
     datas: dict = {}
-    for class_order, data_seed in [main_key] + [k for k in claim_keys if k != main_key]:
+    for class_order, data_seed in [plan.main_key] + [
+        k for k in plan.claim_keys if k != plan.main_key
+    ]:
         try:
             datas[(class_order, data_seed)] = load_long_tail_data(
-                dataset,
+                plan.dataset,
                 args.data_root,
-                folder=folder,
+                folder=plan.folder,
                 imbalance=args.imbalance,
                 class_order=class_order,
                 data_seed=data_seed,
@@ -392,133 +414,88 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
                 image_size=args.image_size,
                 download=args.download,
                 workers=args.workers,
-                standin=args.smoke and dataset in ("cifar10", "cifar100"),
+                standin=args.smoke and plan.dataset in ("cifar10", "cifar100"),
             )
         except (DatasetUnavailable, ValueError) as err:
             parser.error(f"--dataset {' '.join(args.dataset)}: {err}")
-    data = datas[main_key]
     per_process = min(len(d.train) for d in datas.values()) // args.devices
     if args.batch_size > per_process:
         parser.error(
             f"--batch-size {args.batch_size} is larger than the {per_process} long-tailed training "
             "images per process; lower it or the imbalance."
         )
+    return datas
 
-    settings = _from_options(
-        TrainSettings,
-        args,
-        precision=resolve_precision(args.precision, device),
-        accelerator="gpu" if device == "cuda" else "cpu",
-        strategy="ddp" if args.devices > 1 else "auto",
-        progress=not args.no_progress,
-    )
-    augment = AugmentSettings.for_dataset(dataset, data.image_size, data.channels)
-    config = {
+
+def _run_config(
+    argv: Sequence[str],
+    args: argparse.Namespace,
+    plan: Plan,
+    settings: TrainSettings,
+    augment: AugmentSettings,
+) -> dict[str, Any]:
+    """The settings the report shows (and ``config.json`` keeps)."""
+    return {
         "command": "python -m recipes.longtail " + shlex.join(argv),
-        "dataset": dataset,
+        "dataset": plan.dataset,
         "preset": args.preset or "",
         "smoke": args.smoke,
-        "losses": losses,
+        "losses": plan.losses,
         "seeds": list(args.seeds),
-        "claim_seeds": claim_seeds,
-        "claim_orders": claim_orders,
+        "claim_seeds": plan.claim_seeds,
+        "claim_orders": plan.claim_orders,
         "train": asdict(settings),
-        "loss": asdict(loss_settings),
+        "loss": asdict(plan.loss_settings),
         "augment": ", ".join(f"{k} {v:g}" for k, v in asdict(augment).items()),
         "checkpoints": not args.no_checkpoints,
-        "eta_note": eta_note(args.isogclr_eta, args.epochs) if "isogclr" in losses else "",
+        "eta_note": eta_note(args.isogclr_eta, args.epochs) if "isogclr" in plan.losses else "",
         "environment": {
             "device": torch.cuda.get_device_name(0)
-            if device == "cuda"
+            if plan.device == "cuda"
             else f"CPU ({available_cores()} cores)",
-            "threads": threads,
-            "parallel_runs": parallel,
+            "threads": plan.threads,
+            "parallel_runs": plan.parallel,
             "torch": torch.__version__,
             "lightly": _version("lightly"),
         },
     }
-    # Under DDP, Lightning re-runs this script once per extra process with these variables set.
-    main_process = all(
-        int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK")
-    )
-    if main_process:
-        print(
-            f"{dataset}-LT: {len(data.train)} training images in {data.num_classes} classes "
-            f"({max(data.class_counts)} to {min(data.class_counts)}), {len(data.test)} test images; "
-            f"{len(losses)} losses x {len(args.seeds)} seeds"
-            + (f" + {len(claim_jobs)} iSogCLR claim runs" if claim_jobs else "")
-            + f" x {args.epochs} epochs on {device} "
-            f"({settings.precision}; {parallel} run(s) at a time, {threads} thread(s) each). "
-            f"Report: {args.output}",
-            flush=True,
-        )
 
+
+def _jobs(args: argparse.Namespace, plan: Plan) -> list[Job]:
+    """Every training run: each loss for each seed, then the iSogCLR claim runs."""
     checkpoints = args.output / "checkpoints"
-    if not args.no_checkpoints and main_process:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-    total = len(losses) * len(args.seeds) + len(claim_jobs)
+    total = len(plan.losses) * len(args.seeds) + len(plan.claim_jobs)
+
+    def checkpoint(name: str) -> Optional[str]:
+        return None if args.no_checkpoints else str(checkpoints / f"{name}.pt")
+
     jobs = [
         Job(
             loss=loss,
             seed=seed,
             label=f"[{k + 1}/{total}] {loss} seed {seed}",
-            checkpoint=None if args.no_checkpoints else str(checkpoints / f"{loss}_seed{seed}.pt"),
-            data_key=main_key,
+            checkpoint=checkpoint(f"{loss}_seed{seed}"),
+            data_key=plan.main_key,
         )
-        for k, (seed, loss) in enumerate((s, name) for s in args.seeds for name in losses)
+        for k, (seed, loss) in enumerate((s, name) for s in args.seeds for name in plan.losses)
     ]
-    for k, (key, seed) in enumerate(claim_jobs, start=len(jobs)):
-        name = f"isogclr_{key[0]}_data{key[1]}_seed{seed}"
+    for k, (key, seed) in enumerate(plan.claim_jobs, start=len(jobs)):
         jobs.append(
             Job(
                 loss="isogclr",
                 seed=seed,
                 label=f"[{k + 1}/{total}] isogclr {key[0]} order seed {seed}",
-                checkpoint=None if args.no_checkpoints else str(checkpoints / f"{name}.pt"),
+                checkpoint=checkpoint(f"isogclr_{key[0]}_data{key[1]}_seed{seed}"),
                 data_key=key,
                 comparison=False,
             )
         )
-    context = RunContext(datas, settings, loss_settings, augment, threads)
-    density_keys = [main_key] if "isogclr" in losses else []
-    density_keys += [k for k in claim_keys if k not in density_keys]
+    return jobs
 
-    def while_training() -> tuple[dict, dict]:
-        """The raw-pixel reference and the pixel-space densities (no training involved)."""
-        pixel = {
-            key: knn_density(
-                raw_pixel_features(datas[key].train).numpy(),
-                min(settings.density_k, len(datas[key].train) - 1),
-            )
-            for key in density_keys
-        }
-        return raw_pixel_baseline(data, settings), pixel
 
-    if parallel > 1:
-        # Computed here while the workers train.
-        all_results, (baseline, pixel_density) = run_parallel(
-            jobs, context, parallel, while_training
-        )
-    else:
-        all_results = run_sequential(jobs, context)
-        baseline, pixel_density = while_training() if main_process else (None, {})
-    if not main_process:
-        return 0
-    results = [r for r, job in zip(all_results, jobs) if job.comparison]
-    claim_runs = [
-        claim_run_from_result(r, datas[(r.class_order, r.data_seed)], pixel_density)
-        for key in claim_keys
-        for seed in claim_seeds
-        for r in all_results
-        if r.loss == "isogclr" and (r.class_order, r.data_seed) == key and r.seed == seed
-    ]
-    timing = {
-        "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "finished": datetime.now().isoformat(timespec="seconds"),
-        "total_seconds": time.time() - started,
-    }
-    paths = write_report(args.output, config, data, results, baseline, timing, claim_runs)
-    summary = summary_rows([run_row(r) for r in results], losses)
+def _print_results(
+    paths: dict[str, Path], summary: Any, baseline: Any, timing: dict, claim_runs: list
+) -> None:
     print()
     print(summary_table(summary, baseline))
     print(
@@ -531,6 +508,86 @@ def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) 
         f"Report: {paths['report']}  (tables: {paths['results_csv'].name}, "
         f"{paths['summary_csv'].name}, {paths['results_json'].name}; plots: *.png)"
     )
+
+
+def main(argv: Optional[Sequence[str]] = None, started: Optional[float] = None) -> int:
+    """Runs the comparison; returns the exit status (argument errors exit with status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, args = parse_options(argv)
+    started = started or time.time()
+    plan = _plan(parser, args)
+    torch.set_num_threads(plan.threads)
+    datas = _load_datas(parser, args, plan)
+    data = datas[plan.main_key]
+    settings = _from_options(
+        TrainSettings,
+        args,
+        precision=resolve_precision(args.precision, plan.device),
+        accelerator="gpu" if plan.device == "cuda" else "cpu",
+        strategy="ddp" if args.devices > 1 else "auto",
+        progress=not args.no_progress,
+    )
+    augment = AugmentSettings.for_dataset(plan.dataset, data.image_size, data.channels)
+    config = _run_config(argv, args, plan, settings, augment)
+    # Under DDP, Lightning re-runs this script once per extra process with these variables set.
+    main_process = all(
+        int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK")
+    )
+    if main_process:
+        print(
+            f"{plan.dataset}-LT: {len(data.train)} training images in {data.num_classes} classes "
+            f"({max(data.class_counts)} to {min(data.class_counts)}), {len(data.test)} test images; "
+            f"{len(plan.losses)} losses x {len(args.seeds)} seeds"
+            + (f" + {len(plan.claim_jobs)} iSogCLR claim runs" if plan.claim_jobs else "")
+            + f" x {args.epochs} epochs on {plan.device} "
+            f"({settings.precision}; {plan.parallel} run(s) at a time, {plan.threads} thread(s) "
+            f"each). Report: {args.output}",
+            flush=True,
+        )
+    if not args.no_checkpoints and main_process:
+        (args.output / "checkpoints").mkdir(parents=True, exist_ok=True)
+    jobs = _jobs(args, plan)
+    context = RunContext(datas, settings, plan.loss_settings, augment, plan.threads)
+    density_keys = [plan.main_key] if "isogclr" in plan.losses else []
+    density_keys += [k for k in plan.claim_keys if k not in density_keys]
+
+    def while_training() -> tuple[dict, dict]:
+        """The raw-pixel reference and the pixel-space densities (no training involved)."""
+        pixel = {
+            key: knn_density(
+                raw_pixel_features(datas[key].train).numpy(),
+                min(settings.density_k, len(datas[key].train) - 1),
+            )
+            for key in density_keys
+        }
+        return raw_pixel_baseline(data, settings), pixel
+
+    if plan.parallel > 1:
+        # Computed here while the workers train.
+        all_results, (baseline, pixel_density) = run_parallel(
+            jobs, context, plan.parallel, while_training
+        )
+    else:
+        all_results = run_sequential(jobs, context)
+        baseline, pixel_density = while_training() if main_process else (None, {})
+    if not main_process:
+        return 0
+    results = [r for r, job in zip(all_results, jobs) if job.comparison]
+    claim_runs = [
+        claim_run_from_result(r, datas[(r.class_order, r.data_seed)], pixel_density)
+        for key in plan.claim_keys
+        for seed in plan.claim_seeds
+        for r in all_results
+        if r.loss == "isogclr" and (r.class_order, r.data_seed) == key and r.seed == seed
+    ]
+    timing = {
+        "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+        "total_seconds": time.time() - started,
+    }
+    paths = write_report(args.output, config, data, results, baseline, timing, claim_runs)
+    summary = summary_rows([run_row(r) for r in results], plan.losses)
+    _print_results(paths, summary, baseline, timing, claim_runs)
     return 0
 
 

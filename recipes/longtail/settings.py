@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from recipes.registry_source import loss_options
+from tau_core.registry_source import loss_options
 
 # Where the recipe's default differs from the class's: iSogCLR's rho and eta move the
 # temperatures within a short run (see the report's eta note), DySTreSS the CIFAR recipe's 0.07.

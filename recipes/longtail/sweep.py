@@ -21,6 +21,7 @@ couple of steps (a test of the pipeline; the numbers mean nothing).
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -298,32 +299,11 @@ def markdown(
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the sweep; returns the exit status (argument errors exit with status 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser, args = parse_options(argv)
-    started = time.time()
-    # The heavy imports come after parsing, so --help and bad options answer at once.
-    import torch
-
-    from recipes.longtail.augment import AugmentSettings
+def _sweep_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The Fashion-MNIST training sets of the profiles: long-tailed, and balanced with as many
+    images, spread evenly over the classes."""
     from recipes.longtail.data import DatasetUnavailable, load_long_tail_data
-    from recipes.longtail.report import write_csv
-    from recipes.longtail.run import (
-        Job,
-        RunContext,
-        available_cores,
-        resolve_precision,
-        run_parallel,
-        run_sequential,
-    )
-    from recipes.longtail.train import LossSettings, TrainSettings
 
-    if args.imbalance < 1:
-        parser.error(f"--imbalance must be >= 1, got {args.imbalance:g}.")
-    if any(b < 2 for b in args.batch_sizes):
-        parser.error(f"--batch-sizes must all be >= 2, got {args.batch_sizes}.")
-    args.output.mkdir(parents=True, exist_ok=True)
     try:
         datas = {
             "long-tailed": load_long_tail_data(
@@ -354,8 +334,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"--batch-sizes: {max(args.batch_sizes)} is larger than the "
                 f"{len(datas[profile].train)} {profile} training images."
             )
-    cores = available_cores()
-    jobs = [
+    return datas
+
+
+def _sweep_jobs(args: argparse.Namespace) -> list[Any]:
+    """One run per profile, seed, batch size and loss."""
+    from recipes.longtail.run import Job
+
+    return [
         Job(
             loss=loss,
             seed=seed,
@@ -369,6 +355,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for batch in args.batch_sizes
         for loss in args.losses
     ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the sweep; returns the exit status (argument errors exit with status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, args = parse_options(argv)
+    started = time.time()
+    # The heavy imports come after parsing, so --help and bad options answer at once.
+    import torch
+
+    from recipes.longtail.augment import AugmentSettings
+    from recipes.longtail.report import write_csv
+    from recipes.longtail.run import (
+        RunContext,
+        available_cores,
+        resolve_precision,
+        run_parallel,
+        run_sequential,
+    )
+    from recipes.longtail.train import LossSettings, TrainSettings
+
+    if args.imbalance < 1:
+        parser.error(f"--imbalance must be >= 1, got {args.imbalance:g}.")
+    if any(b < 2 for b in args.batch_sizes):
+        parser.error(f"--batch-sizes must all be >= 2, got {args.batch_sizes}.")
+    args.output.mkdir(parents=True, exist_ok=True)
+    datas = _sweep_data(parser, args)
+    cores = available_cores()
+    jobs = _sweep_jobs(args)
     parallel = max(1, min(args.parallel_runs or cores, len(jobs)))
     threads = args.threads or max(1, cores // parallel)
     torch.set_num_threads(threads)

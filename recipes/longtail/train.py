@@ -352,6 +352,55 @@ def train_loader(
     )
 
 
+def _trainer(settings: TrainSettings, label: str) -> pl.Trainer:
+    """Lightning's trainer for one run: no logger, checkpoints or validation of its own."""
+    precision = "bf16-mixed" if settings.precision == "bf16" else "32-true"
+    return pl.Trainer(
+        max_epochs=settings.epochs,
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        strategy=settings.strategy,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=settings.progress,
+        callbacks=[RunProgressBar(label, position=settings.progress_position)]
+        if settings.progress
+        else [],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,  # train_loader's sampler splits the data over ranks
+        limit_train_batches=settings.steps_per_epoch or 1.0,
+    )
+
+
+def _save_checkpoint(
+    path: str,
+    model: nn.Module,
+    loss: TemperatureLoss,
+    loss_name: str,
+    seed: int,
+    data: LongTailData,
+    settings: TrainSettings,
+    loss_settings: LossSettings,
+) -> None:
+    """The run's model and loss state, with what rebuilds them (read by the temperature
+    analysis)."""
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "loss": loss.loss.state_dict(),
+            "loss_name": loss_name,
+            "seed": seed,
+            "train_source_index": data.train_source_index,
+            "settings": asdict(settings),
+            "loss_settings": asdict(loss_settings),
+        },
+        path,
+    )
+
+
 def train_and_evaluate(
     loss_name: str,
     seed: int,
@@ -384,27 +433,7 @@ def train_and_evaluate(
         else None
     )
     module = SimCLRRun(model, loss, settings, augment, data)
-    precision = "bf16-mixed" if settings.precision == "bf16" else "32-true"
-    trainer = pl.Trainer(
-        max_epochs=settings.epochs,
-        accelerator=settings.accelerator,
-        devices=settings.devices,
-        strategy=settings.strategy,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=settings.progress,
-        callbacks=[
-            RunProgressBar(label or f"{loss_name} seed {seed}", position=settings.progress_position)
-        ]
-        if settings.progress
-        else [],
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,  # train_loader's sampler splits the data over ranks
-        limit_train_batches=settings.steps_per_epoch or 1.0,
-    )
+    trainer = _trainer(settings, label or f"{loss_name} seed {seed}")
     loader = train_loader(data, settings, augment_settings, seed)
     # Wall time depends on what else runs on the machine; CPU time (all threads) less so.
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -441,17 +470,8 @@ def train_and_evaluate(
     eval_seconds = time.perf_counter() - start
     eval_cpu_seconds = time.process_time() - cpu_start
     if checkpoint_path:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "loss": loss.loss.state_dict(),
-                "loss_name": loss_name,
-                "seed": seed,
-                "train_source_index": data.train_source_index,
-                "settings": asdict(settings),
-                "loss_settings": asdict(loss_settings),
-            },
-            checkpoint_path,
+        _save_checkpoint(
+            checkpoint_path, model, loss, loss_name, seed, data, settings, loss_settings
         )
     return RunResult(
         loss=loss_name,

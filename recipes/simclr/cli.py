@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Literal, Optional, Sequence
 
 from recipes.cli_args import ArgumentParser, PositiveInt, add_dataclass
-from recipes.registry_source import class_options, loss_options
+from tau_core.registry_source import class_options, loss_options
 
 # Lightly's NT-Xent (the example's loss), then lightly_tau's registry.
 NTXENT = "lightly.loss.ntx_ent_loss:NTXentLoss"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from tau_core.options import STATE_LAYOUTS
 from tau_core.state.base import PerSampleStateBase
 from tau_core.state.replicated import PerSampleState
 from tau_core.state.sharded import ShardedPerSampleState
 
-STATE_LAYOUTS = ("replicated", "sharded")
+__all__ = ["STATE_LAYOUTS", "make_state"]
 
 
 def make_state(

@@ -1,12 +1,19 @@
-"""The adapters' loss registries as the command lines see them, read without importing torch.
+"""A host's loss registry as a command line sees it, read without importing torch.
 
-``--help`` has to list every loss and its options, which the registries read from the loss
-classes' signatures; importing the classes costs seconds (torch). So, unless the registry is
-loaded already, its source is read instead: the names of ``LOSSES`` (``lightly_tau/registry.py``,
-``openclip_tau/registry.py``), the class each one names, and that class's ``__init__`` signature
-and docstring, from which :func:`tau_core.options.class_options` derives the options exactly as
-for the class itself (tests/test_fast_help.py checks that both give the same options). A
+``--help`` lists every loss and its options, which a registry (``<package>.registry``, a dict
+``LOSSES`` of loss name to class, or to an entry whose first argument is the class) reads from
+the classes' signatures; importing the classes costs seconds (torch). So, unless the registry is
+loaded already, its source is read instead: the names of ``LOSSES``, the class each one names,
+and that class's ``__init__`` signature and docstring, turned into a bodiless class from which
+:func:`tau_core.options.class_options` derives the options exactly as from the class itself. A
 registry already imported (a loss added at run time, a command that runs) is read as it is.
+
+Only the standard library is used (``tau_core``'s names load on first use).
+
+Examples:
+    >>> from tau_core import registry_source
+    >>> registry_source.loss_options("lightly_tau")["isogclr"]["rho"].default
+    0.3
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import importlib.util
 import sys
 import typing
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-HOSTS = ("lightly_tau", "openclip_tau")
+from tau_core import options
+
+__all__ = ["class_options", "constant", "loss_classes", "loss_options"]
 
 
 def _source(module: str) -> tuple[Path, ast.Module]:
@@ -37,22 +45,9 @@ def _source(module: str) -> tuple[Path, ast.Module]:
     return path, ast.parse(path.read_text(), str(path))
 
 
-def _options_module() -> ModuleType:
-    """``tau_core.options`` (standard library only), loaded from its file when ``tau_core``,
-    whose package imports torch, is not loaded yet."""
-    if "tau_core.options" in sys.modules:
-        return sys.modules["tau_core.options"]
-    path, _ = _source("tau_core.options")
-    spec = importlib.util.spec_from_file_location("recipes._tau_core_options", path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # type: ignore[union-attr]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def _registry_tree(host: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """``loss name -> class import path`` of ``host``'s ``LOSSES``, and its module constants."""
-    _, tree = _source(f"{host}.registry")
+def _registry_tree(package: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """``loss name -> class import path`` of ``package``'s ``LOSSES``, and its module constants."""
+    _, tree = _source(f"{package}.registry")
     imported = {
         alias.asname or alias.name: f"{node.module}:{alias.name}"
         for node in tree.body
@@ -75,7 +70,7 @@ def _registry_tree(host: str) -> tuple[dict[str, str], dict[str, Any]]:
             except ValueError:
                 pass
     if not entries:
-        raise LookupError(f"{host}.registry has no LOSSES literal")
+        raise LookupError(f"{package}.registry has no LOSSES literal")
     return entries, constants
 
 
@@ -111,37 +106,43 @@ def _class_stub(import_path: str) -> type:
 
 
 @functools.cache
-def _from_source(host: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    entries, constants = _registry_tree(host)
-    class_options = _options_module().class_options
-    return {n: class_options(_class_stub(p)) for n, p in entries.items()}, constants
+def _from_source(package: str) -> tuple[dict[str, type], dict[str, Any]]:
+    entries, constants = _registry_tree(package)
+    return {n: _class_stub(p) for n, p in entries.items()}, constants
 
 
-def class_options(import_path: str) -> dict[str, Any]:
-    """The options of class ``module:Name`` read from its source (imported if that fails)."""
-    try:
-        return _options_module().class_options(_class_stub(import_path))
-    except Exception:  # a signature that is not literal: read the class itself
-        module, _, name = import_path.partition(":")
-        cls = getattr(importlib.import_module(module), name)
-        return importlib.import_module("tau_core.options").class_options(cls)
-
-
-def _read(host: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    live = sys.modules.get(f"{host}.registry")
+def _read(package: str) -> tuple[dict[str, type], dict[str, Any]]:
+    live = sys.modules.get(f"{package}.registry")
     if live is None:
         try:
-            return _from_source(host)
+            return _from_source(package)
         except Exception:  # a registry written differently: slower, but the same answer
-            live = importlib.import_module(f"{host}.registry")
-    return {name: live.options(name) for name in live.LOSSES}, vars(live)
+            live = importlib.import_module(f"{package}.registry")
+    classes = {name: getattr(entry, "cls", entry) for name, entry in live.LOSSES.items()}
+    return classes, vars(live)
 
 
-def loss_options(host: str) -> dict[str, dict[str, Any]]:
-    """``loss name -> {keyword: LossOption}`` of ``host``'s registry, in its order."""
-    return _read(host)[0]
+def loss_classes(package: str) -> dict[str, type]:
+    """``loss name -> class`` of ``package``'s registry, in its order: the classes themselves
+    when the registry is loaded, else classes with their ``__init__`` signatures and docstrings
+    and no body (enough for :mod:`tau_core.options`, not to build a loss)."""
+    return _read(package)[0]
 
 
-def constant(host: str, name: str) -> Any:
-    """A literal module constant of ``host``'s registry (e.g. ``UPSTREAM_LOSSES``)."""
-    return _read(host)[1][name]
+def loss_options(package: str) -> dict[str, dict[str, options.LossOption]]:
+    """``loss name -> {keyword: LossOption}`` of ``package``'s registry, in its order."""
+    return {name: options.class_options(cls) for name, cls in loss_classes(package).items()}
+
+
+def constant(package: str, name: str) -> Any:
+    """A literal module constant of ``package``'s registry (e.g. ``UPSTREAM_LOSSES``)."""
+    return _read(package)[1][name]
+
+
+def class_options(import_path: str) -> dict[str, options.LossOption]:
+    """The options of class ``module:Name`` read from its source (imported if that fails)."""
+    try:
+        return options.class_options(_class_stub(import_path))
+    except Exception:  # a signature that is not literal: read the class itself
+        module, _, name = import_path.partition(":")
+        return options.class_options(getattr(importlib.import_module(module), name))
