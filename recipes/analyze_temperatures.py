@@ -83,22 +83,67 @@ def analyze_temperatures(
             written.
     """
     # numpy, pandas, scipy and torch load here, so that --help answers without them
-    from recipes.temperature_report import write_report
+    import pandas as pd
+    import torch
 
-    return write_report(
-        checkpoint,
-        images,
-        output,
-        tau_key,
-        backbone,
-        image_size,
-        channels,
-        mean,
-        std,
-        k,
-        extremes,
-        batch_size,
+    from recipes import temperature_report as report
+    from recipes.temperature_analysis import extremes as extremes_table
+    from recipes.temperature_analysis import knn_density, plot_extremes_grid
+
+    if k < 1 or extremes < 1:
+        raise AnalysisError(f"--k and --extremes must be >= 1, got {k} and {extremes}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    key, tau_t = report.find_temperatures(state, tau_key)
+    files, classes, labels = report.list_images(images)
+    if len(files) != len(tau_t):
+        raise AnalysisError(
+            f"--images {images} holds {len(files)} images but the temperature table "
+            f"{key!r} has {len(tau_t)} entries: the folder must be the training set, in "
+            "ImageFolder order"
+        )
+    if not 1 <= k <= len(files) - 1:
+        raise AnalysisError(f"--k must be in [1, {len(files) - 1}], got {k}")
+    if image_size is None:  # the first image's width
+        from PIL import Image
+
+        with Image.open(files[0]) as first:
+            image_size = first.size[0]
+    model, model_channels, size = report.load_backbone(state, backbone, image_size)
+    channels = channels or model_channels or 3
+    pixels = report.load_images(files, size, channels)
+    scaled = pixels.float() / 255.0
+    mean = mean or scaled.mean(dim=(0, 2, 3)).tolist()
+    std = std or scaled.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+    if len(mean) != channels or len(std) != channels:
+        raise AnalysisError(f"--mean and --std need {channels} values each")
+    tau = tau_t.double().numpy()
+    densities = {"local density, pixels": knn_density(report.pixel_features(pixels), k)}
+    if model is not None:
+        features = report.backbone_features(model, pixels, mean, std, batch_size)
+        densities = {"local density, features": knn_density(features, k), **densities}
+    analysis = report.analyse(tau, labels, classes, densities)
+    names = [classes[c] for c in labels]
+    frame = pd.DataFrame(
+        {
+            "index": range(len(files)),
+            "file": [str(p.relative_to(images)) for p in files],
+            "class": names,
+            "tau": tau,
+        }
     )
+    for name, values in densities.items():
+        frame[name.replace("local density, ", "density_")] = values
+    output.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(output / "per_sample.csv", index=False)
+    table = extremes_table(frame[["index", "file", "class", "tau"]], "tau", extremes)
+    table.to_csv(output / "extremes.csv", index=False)
+    report.plot_histogram(output / "temperature_histogram.png", tau, labels, classes)
+    report.plot_densities(output / "temperature_vs_density.png", tau, densities, names, k)
+    plot_extremes_grid(output / "temperature_extremes.png", table, pixels)
+    (output / "summary.md").write_text(
+        report.summary_markdown(checkpoint, key, images, analysis, table)
+    )
+    return analysis
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

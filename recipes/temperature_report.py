@@ -1,6 +1,7 @@
-"""The report of :func:`recipes.analyze_temperatures.analyze_temperatures`: a checkpoint's
-per-sample temperatures read against the images they were learned from (histograms, extremes,
-local densities, correlations), written as plots, CSV tables and a summary page.
+"""The pieces of :func:`recipes.analyze_temperatures.analyze_temperatures`: reading a
+checkpoint's per-sample temperatures and the images they were learned from, the backbone's and
+the pixels' features, the statistics (quantiles by class, Spearman correlations with
+permutation p-values), the plots and the summary page.
 
 Imported once a report is written: its libraries (numpy, pandas, scipy, torch) cost seconds.
 """
@@ -8,7 +9,7 @@ Imported once a report is written: its libraries (numpy, pandas, scipy, torch) c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,16 +17,13 @@ import pandas as pd
 from recipes.analyze_temperatures import AnalysisError
 from recipes.temperature_analysis import (
     QUANTILE_COLUMNS,
-    knn_density,
     plot_distribution_by_group,
-    plot_extremes_grid,
     plot_temperature_vs_density,
     pyplot,
     quantiles,
     save_figure,
     spearman,
 )
-from recipes.temperature_analysis import extremes as extremes_table
 
 # torch.Tensor: torch is imported where it is used.
 Tensor = Any
@@ -293,72 +291,3 @@ def plot_densities(
 
 
 # --------------------------------------------------------------------------- command line
-def write_report(
-    checkpoint: Path,
-    images: Path,
-    output: Path = Path("tau_analysis"),
-    tau_key: Optional[str] = None,
-    backbone: Optional[Path] = None,
-    image_size: Optional[int] = None,
-    channels: Optional[Literal[1, 3]] = None,
-    mean: Optional[list[float]] = None,
-    std: Optional[list[float]] = None,
-    k: int = 20,
-    extremes: int = 8,
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """Writes the report into ``output``; returns the analysis (see ``analyze_temperatures``)."""
-    import torch
-
-    if k < 1 or extremes < 1:
-        raise AnalysisError(f"--k and --extremes must be >= 1, got {k} and {extremes}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    key, tau_t = find_temperatures(state, tau_key)
-    files, classes, labels = list_images(images)
-    if len(files) != len(tau_t):
-        raise AnalysisError(
-            f"--images {images} holds {len(files)} images but the temperature table "
-            f"{key!r} has {len(tau_t)} entries: the folder must be the training set, in "
-            "ImageFolder order"
-        )
-    if not 1 <= k <= len(files) - 1:
-        raise AnalysisError(f"--k must be in [1, {len(files) - 1}], got {k}")
-    if image_size is None:  # the first image's width
-        from PIL import Image
-
-        with Image.open(files[0]) as first:
-            image_size = first.size[0]
-    model, model_channels, size = load_backbone(state, backbone, image_size)
-    channels = channels or model_channels or 3
-    pixels = load_images(files, size, channels)
-    scaled = pixels.float() / 255.0
-    mean = mean or scaled.mean(dim=(0, 2, 3)).tolist()
-    std = std or scaled.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
-    if len(mean) != channels or len(std) != channels:
-        raise AnalysisError(f"--mean and --std need {channels} values each")
-    tau = tau_t.double().numpy()
-    densities = {"local density, pixels": knn_density(pixel_features(pixels), k)}
-    if model is not None:
-        features = backbone_features(model, pixels, mean, std, batch_size)
-        densities = {"local density, features": knn_density(features, k), **densities}
-    analysis = analyse(tau, labels, classes, densities)
-    names = [classes[c] for c in labels]
-    frame = pd.DataFrame(
-        {
-            "index": range(len(files)),
-            "file": [str(p.relative_to(images)) for p in files],
-            "class": names,
-            "tau": tau,
-        }
-    )
-    for name, values in densities.items():
-        frame[name.replace("local density, ", "density_")] = values
-    output.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(output / "per_sample.csv", index=False)
-    table = extremes_table(frame[["index", "file", "class", "tau"]], "tau", extremes)
-    table.to_csv(output / "extremes.csv", index=False)
-    plot_histogram(output / "temperature_histogram.png", tau, labels, classes)
-    plot_densities(output / "temperature_vs_density.png", tau, densities, names, k)
-    plot_extremes_grid(output / "temperature_extremes.png", table, pixels)
-    (output / "summary.md").write_text(summary_markdown(checkpoint, key, images, analysis, table))
-    return analysis

@@ -312,6 +312,7 @@ def test_openclip_tau_works_without_lightly():
 def test_core_imports_only_torch():
     code = (
         "import tau_core\n"
+        "tau_core.PerSampleState, tau_core.temperature_stats  # the names load on first use\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'lightly', 'open_clip', "
         "'open_clip_train', 'torchvision', 'numpy_financial', 'pytorch_lightning', 'webdataset'})\n"
         "assert not bad, bad\n"
@@ -346,4 +347,7 @@ def test_core_imports_only_torch():
                     "inspect",
                     "re",
                     "sys",
+                    "ast",
+                    "copy",
+                    "importlib",
                 }, line
