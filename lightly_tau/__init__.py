@@ -1,5 +1,7 @@
 """Temperature-aware contrastive losses for Lightly: SogCLR, iSogCLR, RGCL-g, TempNet, DySTreSS."""
 
+from typing import TYPE_CHECKING
+
 from lightly_tau.data import IndexedCollate, IndexedDataset
 from lightly_tau.losses import DySTreSSLoss, ISogCLRLoss, RGCLGLoss, SogCLRLoss, TempNetLoss
 from tau_core import (
@@ -9,20 +11,12 @@ from tau_core import (
     global_contrastive_rows,
     temperature_stats,
 )
+from tau_core.lazy import lazy_exports
 
 __version__ = "0.2.0"
 
-#: Lightning callbacks, imported on first use (``pytorch_lightning`` is needed only for them).
-_LIGHTNING = ("SeedEveryEpoch", "ShardedStateCheckpoint", "TrainedTemperature")
-
-
-def __getattr__(name: str) -> object:
-    if name in _LIGHTNING:
-        from lightly_tau import lightning
-
-        return getattr(lightning, name)
-    raise AttributeError(f"module 'lightly_tau' has no attribute {name!r}")
-
+if TYPE_CHECKING:  # Lightning callbacks: pytorch_lightning is needed only for them
+    from lightly_tau.lightning import SeedEveryEpoch, ShardedStateCheckpoint, TrainedTemperature
 
 __all__ = [
     "DySTreSSLoss",
@@ -41,3 +35,5 @@ __all__ = [
     "global_contrastive_rows",
     "temperature_stats",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__)

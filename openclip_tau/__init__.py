@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tau_core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from openclip_tau.losses import (
@@ -22,14 +23,6 @@ __all__ = [
     "TempNetClipLoss",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # The losses (and torch) load on first use, so that the package's command lines
-    # (``python -m openclip_tau.key_index --help``) answer without importing torch.
-    if name in __all__:
-        return getattr(importlib.import_module("openclip_tau.losses"), name)
-    raise AttributeError(f"module 'openclip_tau' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+# The losses (and torch) load on first use, so that the package's command lines
+# (``python -m openclip_tau.key_index --help``) answer without importing torch.
+__getattr__, __dir__ = lazy_exports(__name__)

@@ -11,8 +11,9 @@ its losses (checks, collectives, the block math, the adapter bases) is in
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tau_core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from tau_core.functional import (
@@ -65,43 +66,4 @@ __all__ = [
     "temperature_step",
 ]
 
-# Where each name of the surface is defined: the names load on first use, so that the
-# standard-library modules of the core (``tau_core.options``, ``tau_core.registry_source``) serve
-# the command lines' ``--help`` without importing torch.
-_HOMES = {
-    "ContrastiveLoss": "tau_core.losses",
-    "FixedTemperature": "tau_core.temperature",
-    "GlobalLearnedTemperature": "tau_core.global_temperature",
-    "GlobalTemperature": "tau_core.global_temperature",
-    "LearnedTemperature": "tau_core.temperature",
-    "NetworkTemperature": "tau_core.temperature_network",
-    "PerSampleState": "tau_core.state",
-    "PerSampleStateBase": "tau_core.state",
-    "STATE_LAYOUTS": "tau_core.state",
-    "ShardedPerSampleState": "tau_core.state",
-    "TemperatureNetwork": "tau_core.temperature_network",
-    "TemperatureRule": "tau_core.temperature",
-    "TrainedTemperatureMixin": "tau_core.trained",
-    "cosine_gamma": "tau_core.functional",
-    "describe_state_memory": "tau_core.state",
-    "dystress_rows": "tau_core.functional",
-    "dystress_temperature": "tau_core.functional",
-    "global_contrastive_rows": "tau_core.functional",
-    "load_state_shards": "tau_core.state",
-    "make_state": "tau_core.state",
-    "save_state_shards": "tau_core.state",
-    "temperature_stats": "tau_core.losses",
-    "temperature_step": "tau_core.functional",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value  # the next access is a plain attribute
-        return value
-    raise AttributeError(f"module 'tau_core' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__)

@@ -16,7 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
-from recipes.cc3m import analyze, evaluate, make_smoke_data, openclip_zero_shot, shards, smoke, tsv
+from recipes.cc3m import (
+    analyze,
+    evaluate,
+    make_smoke_data,
+    openclip_zero_shot,
+    shards,
+    smoke,
+    temperature_tables,
+    tsv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "recipes" / "cc3m"
@@ -255,7 +264,7 @@ def test_analysis_correlations_on_a_constructed_state(tmp_path: Path, smoke_run:
     index = load_key_index(smoke_run["key_index"])
     captions = shards.read_captions(shards.find_shards(smoke_run["data"]["shards"]))
     by_key = dict(zip(captions["key"], captions["caption"]))
-    frequency = analyze.word_frequency_table(list(captions["caption"]))
+    frequency = temperature_tables.word_frequency_table(list(captions["caption"]))
     frequency.index = captions["key"]
     rarest = torch.tensor([float(frequency.loc[k, "rarest_word_frequency"]) for k in index.keys])
     loss = ISogCLRClipLoss(len(index))
@@ -302,11 +311,11 @@ def test_tempnet_held_out_temperatures_beside_the_training_ones(tmp_path: Path) 
     torch.save({"loss_state_dict": loss.state_dict(), "loss_name": "tempnet"}, checkpoint)
     held_out = {"image": torch.randn(7, 6, generator=g), "text": torch.randn(4, 6, generator=g)}
     torch.save(held_out, tmp_path / "held_out.pt")
-    got = analyze.held_out_temperatures(checkpoint, tmp_path / "held_out.pt")
+    got = temperature_tables.held_out_temperatures(checkpoint, tmp_path / "held_out.pt")
     for role in ("image", "text"):
         want = loss.temperature_of(held_out[role], role=role).numpy()
         np.testing.assert_allclose(got[role], want, rtol=1e-6)
-    tables, _ = analyze.load_temperature_tables(checkpoint)
+    tables, _ = temperature_tables.load_temperature_tables(checkpoint)
     visited = np.isfinite(tables["log_u_image"])
     assert np.isfinite(tables["tau_image"][visited]).all()
     assert np.isnan(tables["tau_image"][~visited]).all()
@@ -319,23 +328,23 @@ def test_tempnet_held_out_temperatures_beside_the_training_ones(tmp_path: Path) 
             for c in ("tau", "visited")
         }
     )
-    analyze.plot_train_vs_held_out(frame, got, tmp_path / "tau_train_vs_held_out.png")
+    temperature_tables.plot_train_vs_held_out(frame, got, tmp_path / "tau_train_vs_held_out.png")
     assert (tmp_path / "tau_train_vs_held_out.png").stat().st_size > 1000
     with pytest.raises(analyze.AnalysisInputError, match="TempNet checkpoint"):
         isogclr = tmp_path / "isogclr.pt"
         torch.save({"loss_state_dict": {"state.tau_image": torch.ones(3)}}, isogclr)
-        analyze.held_out_temperatures(isogclr, tmp_path / "held_out.pt")
+        temperature_tables.held_out_temperatures(isogclr, tmp_path / "held_out.pt")
 
 
 def test_word_frequencies_and_spearman_by_hand() -> None:
-    table = analyze.word_frequency_table(["a red bag", "a bag", "a red coat", "a bag"])
+    table = temperature_tables.word_frequency_table(["a red bag", "a bag", "a red coat", "a bag"])
     # document frequencies: a 4, bag 3, red 2, coat 1
     assert list(table["rarest_word_frequency"]) == [2, 3, 1, 3]
     assert table["mean_log10_word_frequency"].iloc[1] == pytest.approx(
         (math.log10(4) + math.log10(3)) / 2
     )
     assert list(table["caption_frequency"]) == [1, 2, 1, 2]
-    rho, p, n = analyze.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    rho, p, n = temperature_tables.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
     assert (rho, n) == (pytest.approx(0.8), 5)  # 1 - 6 * 4 / (5 * 24)
     assert 0.0 < p < 1.0
 
@@ -493,7 +502,7 @@ def test_smoke_tempnet_run_analyses_held_out_pairs(tmp_path: Path) -> None:
     folder = Path(summary["analysis_tempnet"])
     assert (folder / "tau_train_vs_held_out.png").stat().st_size > 1000
     # The range recorded in the checkpoint bounds the held-out temperatures.
-    held_out = analyze.held_out_temperatures(
+    held_out = temperature_tables.held_out_temperatures(
         Path(summary["checkpoints"]["tempnet"]),
         tmp_path / "eval" / "embeddings" / "smoke-tempnet.pt",
     )

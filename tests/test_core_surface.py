@@ -15,6 +15,7 @@ import lightly_tau.registry as lightly_registry
 import openclip_tau.registry as openclip_registry
 import tau_core
 import tau_core.adapter
+import tau_core.lazy
 import tau_core.options
 import tau_core.registry_source
 from tau_core import (
@@ -124,12 +125,13 @@ def _core_imports(path: Path) -> list[tuple[str, list[str], int]]:
 
 @pytest.mark.parametrize("package", ["lightly_tau", "openclip_tau"])
 def test_adapters_import_only_tau_core_and_tau_core_adapter(package):
-    # and the two standard-library modules that command lines read before torch is loaded
+    # and the three standard-library modules that command lines read before torch is loaded
     allowed = {
         "tau_core": tau_core,
         "tau_core.adapter": tau_core.adapter,
         "tau_core.options": tau_core.options,
         "tau_core.registry_source": tau_core.registry_source,
+        "tau_core.lazy": tau_core.lazy,
     }
     seen = 0
     for path in sorted((REPO_ROOT / package).rglob("*.py")):
@@ -243,3 +245,22 @@ def test_num_samples_and_dim_are_required_integers(cls):
         for bad in (0, -3, 2.5, True, None):
             with pytest.raises(ValueError, match=name):
                 cls(**{**kwargs, name: bad})
+
+
+# ---------------------------------------------------------------------- lazy packages
+@pytest.mark.parametrize(
+    "package", ["tau_core", "openclip_tau", "openclip_tau.train", "lightly_tau"]
+)
+def test_lazy_packages_load_every_name_of_their_type_checking_block(package):
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(package)
+    homes = tau_core.lazy.type_checking_imports(Path(module.__file__))
+    assert homes and set(homes) <= set(module.__all__)
+    for name in module.__all__:
+        home = importlib.import_module(homes.get(name, package))
+        assert getattr(module, name) is getattr(home, name), name
+        assert name in dir(module)
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
+        module.nope  # noqa: B018

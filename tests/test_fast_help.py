@@ -23,6 +23,9 @@ HOST_LIBRARIES = (
     "torchvision",
     "matplotlib",
     "open_clip",
+    "pandas",
+    "scipy",
+    "sklearn",
 )  # open_clip_train's parser (its params module) imports argparse only; its main imports torch
 ENTRY_POINTS = (
     "recipes.longtail",
@@ -37,6 +40,7 @@ ENTRY_POINTS = (
     "recipes.cc3m.make_smoke_data",
     "openclip_tau.key_index",
     "openclip_tau.train",
+    "recipes.analyze_temperatures",
 )
 PROBE = """
 import contextlib, io, resource, runpy, sys

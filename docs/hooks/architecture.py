@@ -82,6 +82,7 @@ PACKAGES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
             "tau_core.adapter",
             "tau_core.options",
             "tau_core.registry_source",
+            "tau_core.lazy",
             "tau_core.global_contrastive",
             "tau_core.dystress",
             "tau_core.losses",
@@ -151,7 +152,15 @@ def _statements(tree: ast.AST, lazy: bool = False):  # noqa: ANN202 - a generato
 def _is_lazy(tree: ast.Module) -> bool:
     """Whether a module defines ``__getattr__`` (PEP 562): its TYPE_CHECKING imports are the
     names it loads on first use."""
-    return any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body)
+
+    def defines(node: ast.stmt) -> bool:  # def __getattr__, or __getattr__, ... = lazy_exports()
+        if isinstance(node, ast.FunctionDef):
+            return node.name == "__getattr__"
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        names = [t for target in targets for t in getattr(target, "elts", [target])]
+        return any(getattr(t, "id", "") == "__getattr__" for t in names)
+
+    return any(defines(node) for node in tree.body)
 
 
 def _imported(path: Path, modules: dict[str, Path]) -> set[tuple[str, str]]:

@@ -22,8 +22,9 @@ The names below load on first use, so that ``--help`` answers without importing 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tau_core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from openclip_tau.flags import (
@@ -142,60 +143,4 @@ __all__ = [
     "zero_shot_accuracy",
 ]
 
-_HOMES = {
-    "CHECKPOINT_KEYS": "openclip_tau.train.checkpoint",
-    "DySTreSSClipLoss": "openclip_tau.losses",
-    "INFINITY_ALLOWED": "openclip_tau.train.options",
-    "ISogCLRClipLoss": "openclip_tau.losses",
-    "IndexedLoss": "openclip_tau.train.training",
-    "LOSSES": "openclip_tau.registry",
-    "LOSS_CHOICES": "openclip_tau.train.options",
-    "LOSS_OPTIONS": "openclip_tau.train.options",
-    "LossSpec": "openclip_tau.registry",
-    "LossTraining": "openclip_tau.train.training",
-    "OFF_AT_ZERO": "openclip_tau.train.options",
-    "OWN_LOGGERS": "openclip_tau.train.monitoring",
-    "RGCLGClipLoss": "openclip_tau.losses",
-    "SHARD_SAMPLE_ROWS": "openclip_tau.train.monitoring",
-    "STATEFUL_LOSSES": "openclip_tau.train.options",
-    "SWITCHES": "openclip_tau.train.options",
-    "SogCLRClipLoss": "openclip_tau.losses",
-    "TEMPERATURE_GROUP": "openclip_tau.train.checkpoint",
-    "TempNetClipLoss": "openclip_tau.losses",
-    "Temperature": "openclip_tau.registry",
-    "TrainingSetupError": "openclip_tau.train.errors",
-    "UpstreamDriftError": "openclip_tau.train.errors",
-    "build_loss": "openclip_tau.train.options",
-    "build_parser": "openclip_tau.train.options",
-    "cli": "openclip_tau.train.command",
-    "csv_rows": "openclip_tau.train.checks",
-    "distributed_data_parallel": "openclip_tau.train.patches",
-    "loss_kwargs": "openclip_tau.train.options",
-    "main": "openclip_tau.train.command",
-    "model_embed_dim": "openclip_tau.train.checks",
-    "option_flag": "openclip_tau.flags",
-    "parse_loss_args": "openclip_tau.train.options",
-    "prints_errors": "openclip_tau.train.errors",
-    "quantile_stats": "openclip_tau.train.monitoring",
-    "read_key_index": "openclip_tau.train.checks",
-    "read_loss_entries": "openclip_tau.train.checkpoint",
-    "run_training": "openclip_tau.train.training",
-    "setup_logging": "openclip_tau.train.monitoring",
-    "shard_folder_name": "openclip_tau.train.checkpoint",
-    "sharded_sample": "openclip_tau.train.monitoring",
-    "state_checksums": "openclip_tau.train.monitoring",
-    "temperature_groups": "openclip_tau.train.checkpoint",
-    "with_flag_names": "openclip_tau.train.options",
-    "without_temperature_groups": "openclip_tau.train.checkpoint",
-    "zero_shot_accuracy": "openclip_tau.train.patches",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'openclip_tau.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__)

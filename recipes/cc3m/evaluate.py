@@ -41,9 +41,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used, so that --help answers without it
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -247,6 +248,8 @@ def check_local_retrieval(folder: Path) -> list[str]:
             f"local retrieval set not found: {annotations} is missing (write one with "
             "python -m recipes.cc3m.make_smoke_data)"
         ]
+    import pandas as pd
+
     table = pd.read_csv(annotations)
     missing_columns = [c for c in ("image", "caption", "label") if c not in table.columns]
     if missing_columns:
@@ -290,6 +293,7 @@ def local_retrieval(
     With ``embeddings_path`` the set's image and text embeddings are saved there as
     ``{"image": (n, d), "text": (n, d)}``: held-out pairs for ``analyze.py --held-out-embeddings``.
     """
+    import pandas as pd
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -564,6 +568,8 @@ def build_table(output: Path) -> pd.DataFrame:
                 value = numbers["metrics"].get(column)
                 row[column] = "n/a" if value is None else f"{value:.2f}"
             rows.append(row)
+    import pandas as pd
+
     table = pd.DataFrame(rows, columns=["source", "run", "method", "model", "epoch", *metrics])
     output.mkdir(parents=True, exist_ok=True)
     table.to_csv(output / "comparison.csv", index=False)

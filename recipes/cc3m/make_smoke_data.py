@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from recipes import fashion_mnist
@@ -107,6 +106,7 @@ def write_shards(
     rng: np.random.Generator,
 ) -> dict[str, int]:
     """Writes the shards, parquet and stats files as img2dataset does; returns the totals."""
+    import pandas as pd  # here, so that --help answers without it
     import webdataset as wds  # imports torch: here, so that --help answers without it
 
     output.mkdir(parents=True, exist_ok=True)
@@ -172,6 +172,8 @@ def write_retrieval_set(
     Columns: ``image`` (file name), ``caption``, ``label``. The evaluation counts a caption as
     a match for every image of its class (its captions name only the class).
     """
+    import pandas as pd  # here, so that --help answers without it
+
     (output / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for c in range(len(CLASS_NAMES)):
@@ -228,6 +230,8 @@ def make_smoke_data(
         fashion_mnist_dir: folder of the gzipped idx files (Debian's dataset-fashion-mnist
             installs them here)
     """
+    import pandas as pd  # here, so that --help answers without it
+
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}.")
     if not 1 <= samples_per_shard < 10**POSITION_DIGITS:
