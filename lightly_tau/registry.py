@@ -20,7 +20,7 @@ from typing import Any, Optional
 from torch import nn
 
 from lightly_tau.losses import DySTreSSLoss, ISogCLRLoss, RGCLGLoss, SogCLRLoss, TempNetLoss
-from tau_core.adapter import LossOption, class_options, signature_keywords
+from tau_core.adapter import LossOption, class_options, signature_keywords, takes_index
 from tau_core.adapter import temperature_bounds as _class_bounds
 
 LOSSES: dict[str, type] = {
@@ -64,7 +64,7 @@ def option_users(keyword: str, names: Optional[list[str]] = None) -> list[str]:
 
 def uses_index(name: str) -> bool:
     """Whether the loss keeps per-sample state (it takes ``num_samples`` and the batch's index)."""
-    return "num_samples" in signature_keywords(loss_class(name))
+    return takes_index(loss_class(name))
 
 
 def trains_temperature(name: str) -> bool:

@@ -29,7 +29,7 @@ from openclip_tau.losses import (
     SogCLRClipLoss,
     TempNetClipLoss,
 )
-from tau_core.adapter import LossOption, class_options, signature_keywords
+from tau_core.adapter import LossOption, class_options, takes_index
 
 Temperature = Union[float, Tensor]
 
@@ -64,7 +64,7 @@ class LossSpec:
     def stateful(self) -> bool:
         """Keeps a per-sample table indexed by the dataset index (``num_samples`` in the
         signature: needs indexed data, checkpointed state)."""
-        return "num_samples" in signature_keywords(self.cls)
+        return takes_index(self.cls)
 
     @property
     def trains_temperature(self) -> bool:

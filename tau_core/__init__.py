@@ -6,7 +6,8 @@ that hold trained temperatures, the common loss bases (``ContrastiveLoss`` for `
 and ``stats``, ``TrainedTemperatureMixin`` for ``param_groups`` and ``optimizer``), and the
 equations as functions. What only an adapter (``lightly_tau``, ``openclip_tau``) needs to build
 its losses (checks, collectives, the block math, the adapter bases) is in
-:mod:`tau_core.adapter`. Nothing in this package imports anything but torch; the names below load on first use.
+:mod:`tau_core.adapter`. Nothing in this package imports anything but torch; the names below
+load on first use.
 """
 
 from __future__ import annotations

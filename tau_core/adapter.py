@@ -2,9 +2,9 @@
 
 ``lightly_tau`` and ``openclip_tau`` import from :mod:`tau_core` (the user API) and from this
 module only. Here: the loss bases an adapter subclasses (``GlobalContrastiveLoss`` and
-``DySTreSSBase`` with their ``anchor_blocks`` hook and :class:`AnchorBlock`, the SogCLR, RGCL-g and
-TempNet mixins), the argument checks, the collectives, the block math and its tiled form, the seeds, and
-the reading of a loss class's options from its signature (for the registries).
+``DySTreSSBase`` with their ``anchor_blocks`` hook and :class:`AnchorBlock`, the SogCLR, RGCL-g
+and TempNet mixins), the argument checks, the collectives, the block math and its tiled form, the
+seeds, and the reading of a loss class's options from its signature (for the registries).
 """
 
 from tau_core.blocks import AnchorBlock
@@ -35,6 +35,7 @@ from tau_core.options import (
     class_options,
     docstring_help,
     signature_keywords,
+    takes_index,
     temperature_bounds,
 )
 from tau_core.temperature import FixedTemperatureMixin
@@ -72,6 +73,7 @@ __all__ = [
     "normalized_float32",
     "rank",
     "signature_keywords",
+    "takes_index",
     "temperature_bounds",
     "tiled_dystress",
     "tiled_global_contrastive",

@@ -22,6 +22,7 @@ __all__ = [
     "class_options",
     "docstring_help",
     "signature_keywords",
+    "takes_index",
     "temperature_bounds",
 ]
 
@@ -125,6 +126,12 @@ def class_options(cls: type, skip: Iterable[str] = PLUMBING) -> dict[str, LossOp
 def signature_keywords(cls: type) -> frozenset[str]:
     """Every keyword ``cls.__init__`` accepts."""
     return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def takes_index(cls: type) -> bool:
+    """Whether ``cls`` keeps per-sample state: it takes ``num_samples`` (and, at each call, the
+    batch's dataset indices)."""
+    return "num_samples" in signature_keywords(cls)
 
 
 def temperature_bounds(cls: type, values: Optional[dict[str, Any]] = None) -> tuple[float, float]:

@@ -16,6 +16,8 @@ import html
 import sys
 from pathlib import Path
 
+from tau_core.lazy import type_checking_imports
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = "images/architecture.svg"
 
@@ -187,11 +189,13 @@ def _reexports(modules: dict[str, Path]) -> dict[str, str]:
         if path.name != "__init__.py":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        lazy = [n.body for n in tree.body if isinstance(n, ast.If) and _is_lazy(tree)]
-        for statement in [*tree.body, *(s for body in lazy for s in body)]:
+        for statement in tree.body:
             if isinstance(statement, ast.ImportFrom) and statement.module:
                 for alias in statement.names:
                     table[f"{package}.{alias.asname or alias.name}"] = statement.module
+        if _is_lazy(tree):  # the names it loads on first use, read as tau_core.lazy reads them
+            for name, module in type_checking_imports(path).items():
+                table[f"{package}.{name}"] = module
     return table
 
 

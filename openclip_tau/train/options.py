@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from openclip_tau.flags import loss_options, off_at_zero, option_flag
 from openclip_tau.train.errors import prints_errors
-from tau_core.options import STATE_LAYOUTS, signature_keywords
+from tau_core.options import STATE_LAYOUTS, takes_index
 from tau_core.registry_source import constant, loss_classes
 
 if TYPE_CHECKING:
@@ -27,9 +27,7 @@ _REGISTRY = "openclip_tau"
 _CLASSES = loss_classes(_REGISTRY)  # read once, as the module's tables are
 LOSS_CHOICES = (*constant(_REGISTRY, "UPSTREAM_LOSSES"), *_CLASSES)
 """The values of ``--loss``: upstream's two losses, then every entry of the registry."""
-STATEFUL_LOSSES = tuple(
-    n for n, cls in _CLASSES.items() if "num_samples" in signature_keywords(cls)
-)
+STATEFUL_LOSSES = tuple(n for n, cls in _CLASSES.items() if takes_index(cls))
 """The ``--loss`` names whose class keeps per-sample state (takes ``num_samples``)."""
 
 
@@ -101,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m openclip_tau.key_index --shards <pattern> --output <file>.",
     )
     for dest, (kwarg, kind, text) in LOSS_OPTIONS.items():
-        users = [n for n, cls in _CLASSES.items() if kwarg in class_defaults(cls)]
+        users = _option_users(kwarg)
         defaults = ", ".join(f"{n} {_shown(class_defaults(_CLASSES[n])[kwarg])}" for n in users)
         parser.add_argument(
             option_flag(dest),
@@ -143,6 +141,11 @@ def _shown(default: Any) -> str:
     return "off" if default is None else str(default)
 
 
+def _option_users(keyword: str) -> list[str]:
+    """The registry's losses whose constructor takes hyperparameter ``keyword``."""
+    return [n for n, cls in _CLASSES.items() if keyword in class_defaults(cls)]
+
+
 def class_defaults(cls: type) -> dict[str, Any]:
     """The keywords of ``cls``'s constructor that have a default, with their defaults."""
     return {
@@ -181,9 +184,7 @@ def parse_loss_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
         if value is None or value is False:
             continue
         if dest in LOSS_OPTIONS:
-            allowed = [
-                n for n, cls in _CLASSES.items() if LOSS_OPTIONS[dest][0] in class_defaults(cls)
-            ]
+            allowed = _option_users(LOSS_OPTIONS[dest][0])
         else:
             allowed = list(STATEFUL_LOSSES)
         if options.loss not in allowed:
